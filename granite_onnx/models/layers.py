@@ -24,8 +24,8 @@ from granite_onnx.models.config import ATTENTION, HybridConfig
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, as HF does (exports as ONNX RMSNormalization)."""
     dtype = x.dtype
-    y = F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(dtype)
-    return y if weight is None else weight * y
+    scale = torch.ones(x.shape[-1]) if weight is None else weight.float()
+    return F.rms_norm(x.float(), (x.shape[-1],), scale, eps).to(dtype)
 
 
 def _param(*shape: int) -> nn.Parameter:

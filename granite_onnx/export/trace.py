@@ -1,0 +1,154 @@
+"""Trace each layer kind once, and each compute kernel once, from PyTorch into ONNX (torch.onnx, dynamo).
+
+* `trace_layer(cfg, kind)` → an ONNX graph *template* for one decoder layer: activations and state are
+  graph inputs/outputs, and so are the weights (inputs named `w:<param>`), so one trace serves every layer
+  of that kind and the composer binds each layer's own weights (export/compose.py).
+* `trace_kernel(cfg, name, attrs)` → an ONNX local function `granite_onnx.<name>` whose body is the
+  torch kernel (models/kernels.py) in standard ONNX ops. The layer trace holds one call node per kernel.
+
+Symbolic dims follow export/io.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import onnx_ir as ir
+import torch
+
+from granite_onnx.export import io
+from granite_onnx.models import kernels
+from granite_onnx.models.config import ATTENTION, HybridConfig
+from granite_onnx.models.layers import make_layer
+
+log = logging.getLogger(__name__)
+
+OPSET = 23
+WEIGHT_PREFIX = "w:"
+
+
+@dataclass
+class LayerTemplate:
+    kind: str
+    graph: ir.Graph
+    act_inputs: list[str]  # activation/state input names, in order
+    weight_inputs: list[str]  # our parameter names, in order (graph input names are w:<name>)
+    outputs: list[str]
+
+
+class _Functional(torch.nn.Module):
+    """Calls `module` with its parameters passed as inputs, so the trace keeps them as graph inputs."""
+
+    def __init__(self, module: torch.nn.Module, n_act: int, names: list[str]) -> None:
+        super().__init__()
+        self.module, self.n_act, self.names = module, n_act, names
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        acts, ws = args[: self.n_act], args[self.n_act:]
+        return torch.func.functional_call(self.module, dict(zip(self.names, ws)), acts)
+
+
+def _export(fn: torch.nn.Module, args: tuple[torch.Tensor, ...], names: list[str], outputs: list[str],
+            dynamic: list[dict[int, Any] | None]) -> ir.Model:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        prog = torch.onnx.export(
+            fn, args, dynamo=True, opset_version=OPSET, input_names=names, output_names=outputs,
+            dynamic_shapes=(tuple(dynamic),), optimize=True, verbose=False, report=False,
+        )
+    return prog.model
+
+
+def _dim(name: str, min: int = 1) -> Any:  # noqa: A002
+    return torch.export.Dim(name, min=min, max=1 << 20)
+
+
+def trace_layer(cfg: HybridConfig, kind: str) -> LayerTemplate:
+    """Trace one decoder layer of `kind` with example shapes; return its graph template."""
+    layer = make_layer(cfg, kind).eval()
+    names = [n for n, _ in layer.named_parameters()]
+    weights = tuple(torch.randn(p.shape) * 0.02 for _, p in layer.named_parameters())
+    b, t, past = 2, 5, 3
+    batch, seq, pseq = _dim(io.BATCH), _dim(io.SEQUENCE), _dim(io.PAST_SEQUENCE, 0)
+    hidden = torch.randn(b, t, cfg.hidden_size)
+    if kind == ATTENTION:
+        acts = (hidden, torch.ones(b, past + t, dtype=torch.int64), torch.arange(t).repeat(b, 1),
+                torch.randn(b, cfg.num_key_value_heads, past, cfg.head_dim),
+                torch.randn(b, cfg.num_key_value_heads, past, cfg.head_dim))
+        act_names = ["hidden", io.ATTENTION_MASK, "position_ids", "past_key", "past_value"]
+        out_names = ["hidden_out", "present_key", "present_value"]
+        dyn: list[dict[int, Any] | None] = [
+            {0: batch, 1: seq}, {0: batch, 1: torch.export.Dim.AUTO}, {0: batch, 1: seq},
+            {0: batch, 2: pseq}, {0: batch, 2: pseq}]
+    else:
+        acts = (hidden, torch.ones(b, t),
+                torch.randn(b, cfg.conv_dim, cfg.mamba_d_conv - 1),
+                torch.randn(b, cfg.mamba_n_heads, cfg.mamba_d_state, cfg.mamba_d_head))
+        act_names = ["hidden", "mask", "conv_state", "recurrent_state"]
+        out_names = ["hidden_out", "present_conv_state", "present_recurrent_state"]
+        dyn = [{0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch}, {0: batch}]
+    dyn += [None] * len(weights)
+    model = _export(_Functional(layer, len(acts), names), acts + weights,
+                    act_names + [WEIGHT_PREFIX + n for n in names], out_names, dyn)
+    return LayerTemplate(kind, model.graph, act_names, names, out_names)
+
+
+def _kernel_examples(cfg: HybridConfig, name: str) -> tuple[tuple[torch.Tensor, ...], list[str], list[str],
+                                                             list[dict[int, Any] | None]]:
+    b, t, p = 2, 5, 3
+    batch, seq, pseq = _dim(io.BATCH), _dim(io.SEQUENCE), _dim(io.PAST_SEQUENCE, 0)
+    if name == "CausalConv1d":
+        c, k = cfg.conv_dim, cfg.mamba_d_conv
+        args = (torch.randn(b, c, t), torch.randn(b, c, k - 1), torch.randn(c, k), torch.randn(c))
+        return args, ["x", "past", "weight", "bias"], ["y", "present"], [{0: batch, 2: seq}, {0: batch}, None, None]
+    if name == "SSMScan":
+        h, pd, g, n = cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_n_groups, cfg.mamba_d_state
+        args = (torch.randn(b, t, h, pd), torch.rand(b, t, h), -torch.rand(h), torch.randn(b, t, g, n),
+                torch.randn(b, t, g, n), torch.randn(b, h, n, pd))
+        return (args, ["x", "dt", "A", "B", "C", "h0"], ["y", "h"],
+                [{0: batch, 1: seq}, {0: batch, 1: seq}, None, {0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch}])
+    if name == "MoE":
+        d, e, i = cfg.hidden_size, cfg.num_experts, cfg.intermediate_size
+        args = (torch.randn(b * t, d), torch.randn(d, e), torch.randn(e, d, 2 * i), torch.randn(e, i, d))
+        return args, ["x", "router", "gate_up", "down"], ["y"], [{0: _dim("tokens")}, None, None, None]
+    if name == "Attention":
+        hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        args = (torch.randn(b, hq, t, hd), torch.randn(b, hkv, t, hd), torch.randn(b, hkv, t, hd),
+                torch.randn(b, hkv, p, hd), torch.randn(b, hkv, p, hd), torch.ones(b, p + t, dtype=torch.int64))
+        return (args, ["q", "k", "v", "past_key", "past_value", "mask"], ["out", "present_key", "present_value"],
+                [{0: batch, 2: seq}, {0: batch, 2: seq}, {0: batch, 2: seq}, {0: batch, 2: pseq},
+                 {0: batch, 2: pseq}, {0: batch, 1: torch.export.Dim.AUTO}])
+    raise KeyError(name)
+
+
+class _Kernel(torch.nn.Module):
+    def __init__(self, name: str, attrs: dict[str, Any]) -> None:
+        super().__init__()
+        self.fn, self.attrs = kernels.KERNELS[name], attrs
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.fn(*args, **self.attrs)
+
+
+def trace_kernel(cfg: HybridConfig, name: str, attrs: dict[str, Any]) -> ir.Function:
+    """The ONNX function `granite_onnx.<name>` whose body computes kernels.<name> with `attrs` baked in."""
+    args, ins, outs, dyn = _kernel_examples(cfg, name)
+    model = _export(_Kernel(name, attrs), args, ins, outs, dyn)
+    g = model.graph
+    # A function has no initializers: turn the traced constants into Constant nodes.
+    consts = []
+    for init_name, value in list(g.initializers.items()):
+        node = ir.node("Constant", [], attributes={"value": value.const_value}, outputs=[ir.Value(name=init_name)])
+        consts.append((value, node))
+    for value, node in consts:
+        g.initializers.pop(value.name)
+        value.replace_all_uses_with(node.outputs[0])
+        g.insert_before(g[0], node) if len(g) else g.append(node)
+    # A function that takes the call node's attributes, with the traced values as defaults.
+    fattrs = [ir.Attr(k, ir.AttributeType.INT if isinstance(v, int) else ir.AttributeType.FLOAT, v)
+              for k, v in attrs.items()]
+    return ir.Function(kernels.DOMAIN, name, graph=g, attributes=fattrs)
