@@ -55,7 +55,8 @@ def _export(fn: torch.nn.Module, args: tuple[torch.Tensor, ...], names: list[str
             dynamic: list[dict[int, Any] | None]) -> ir.Model:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        for noisy in ("torch.onnx", "onnxscript", "onnx_ir"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
         prog = torch.onnx.export(
             fn, args, dynamo=True, opset_version=OPSET, input_names=names, output_names=outputs,
             dynamic_shapes=(tuple(dynamic),), optimize=True, verbose=False, report=False,

@@ -1,0 +1,254 @@
+"""Export a checkpoint (HF folder or preset) to a self-contained model folder, atomically.
+
+The folder holds: model.onnx + model.onnx.data, genai_config.json (onnxruntime-genai's layout plus layer
+types), granite_config.json (our config, read by the runtime), the tokenizer files when the source has
+them, and export_report.json (versions, config, op histogram, timings, peak memory, parity summary).
+
+Everything is written into a hidden sibling folder that is renamed into place only when complete, so a
+crash or a full disk never leaves a half-written model that loads.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+
+from granite_onnx.export import io
+from granite_onnx.export.compose import DATA_FILE, compose
+from granite_onnx.models.config import HybridConfig
+from granite_onnx.models.weights import HFWeights, RandomWeights, WeightSource
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+GRANITE_CONFIG = "granite_config.json"
+GENAI_CONFIG = "genai_config.json"
+REPORT = "export_report.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+class ExportError(RuntimeError):
+    """An export that cannot proceed; the message says why and how to fix it."""
+
+
+@dataclass
+class ExportOptions:
+    logits: str = "last"  # 'last': only the last position's logits (prefill never builds [seq, vocab])
+    optimize: bool = False  # fuse into ONNX Runtime kernels (export/fusions)
+    overwrite: bool = False
+    parity_check: bool = True  # a short ORT-vs-torch check recorded in the report (small models only)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+    import torch
+    import transformers
+
+    import onnx_ir
+    import onnxscript
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "onnxscript": onnxscript.__version__,
+            "onnx_ir": onnx_ir.__version__}
+
+
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    c = collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node)
+    return dict(sorted(c.items()))
+
+
+def genai_config(cfg: HybridConfig, *, context_length: int | None = None) -> dict[str, Any]:
+    ctx = context_length or cfg.max_position_embeddings
+    eos = list(cfg.eos_token_ids)
+    return {
+        "model": {
+            "type": "granitemoehybrid",
+            "bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else 0,
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or [0]),
+            "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else 0,
+            "vocab_size": cfg.vocab_size,
+            "context_length": ctx,
+            "decoder": {
+                "filename": MODEL_FILE,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "num_attention_heads": cfg.num_attention_heads,
+                "num_key_value_heads": cfg.num_key_value_heads,
+                "num_hidden_layers": cfg.num_layers,
+                "layer_types": list(cfg.layer_types),
+                **io.genai_io_names(),
+            },
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": min(ctx, 4096), "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }
+
+
+def open_weights(model: str | Path | None, preset_name: str | None, seed: int, layers: int | None) -> WeightSource:
+    from granite_onnx.models.config import ConfigError, preset
+
+    if (model is None) == (preset_name is None):
+        raise ExportError("give exactly one of --model HF_DIR or --preset NAME")
+    if model is not None:
+        p = Path(model)
+        if not p.is_dir():
+            raise ExportError(f"{p} is not a folder; --model takes a local HF checkpoint folder "
+                              "(config.json + *.safetensors)")
+        if not (p / "config.json").exists():
+            raise ExportError(f"{p} has no config.json; --model takes a local HF checkpoint folder "
+                              "(config.json + *.safetensors)")
+        if layers is not None:
+            raise ExportError("--layers applies to presets only; a checkpoint keeps its own layers")
+        try:
+            return HFWeights(p)
+        except ConfigError as e:
+            raise ExportError(f"{p}/config.json: {e}") from e
+    return RandomWeights(preset(preset_name, layers=layers), seed)  # type: ignore[arg-type]
+
+
+def _check_disk(parent: Path, need: int) -> None:
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise ExportError(f"not enough disk space in {parent}: the export needs about {need / 2**30:.2f} GiB, "
+                          f"{free / 2**30:.2f} GiB free; free some space or choose another --out")
+
+
+def _parity(folder: Path, src: WeightSource, logits: str) -> dict[str, Any]:
+    """ORT on the written folder vs our torch modules on a short prefill + one decode step."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from granite_onnx.models.weights import load_torch_model
+
+    cfg = src.cfg
+    model = load_torch_model(src)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(folder / MODEL_FILE), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocab_size, (1, 9))
+    mask = np.ones_like(ids)
+    feeds: dict[str, Any] = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask}
+    for s in io.state_specs(cfg):
+        feeds[s.past_name] = np.zeros(s.concrete_shape(1, 0), np.float32)
+    outs = sess.run(None, feeds)
+    with torch.no_grad():
+        ref, pres = model(torch.from_numpy(ids), torch.from_numpy(mask),
+                          [torch.from_numpy(feeds[s.past_name]) for s in io.state_specs(cfg)])
+    ref = ref[:, -1:] if logits == "last" else ref
+    diffs = {io.LOGITS: float(np.abs(outs[0] - ref.numpy()).max())}
+    for name, o, r in zip(io.output_names(cfg)[1:], outs[1:], pres):
+        diffs[name] = float(np.abs(o - r.numpy()).max())
+    return {"max_abs_diff": diffs, "worst": max(diffs.values()), "tokens": int(ids.shape[1])}
+
+
+def export(*, model: str | Path | None = None, preset_name: str | None = None, seed: int = 0,
+           layers: int | None = None, out: str | Path, options: ExportOptions | None = None,
+           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Export to `out` and return the export report (also written as export_report.json)."""
+    opts = options or ExportOptions()
+    say = progress or (lambda s: log.info(s))
+    out = Path(out)
+    if out.exists() and not opts.overwrite:
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+    t0 = time.perf_counter()
+    src = open_weights(model, preset_name, seed, layers)
+    cfg = src.cfg
+    parent = out.parent if str(out.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    _check_disk(parent, int(cfg.num_parameters() * 4 * 1.05) + (64 << 20))
+    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        say(f"exporting {cfg.name}: {cfg.num_layers} layers ({', '.join(cfg.layer_types)}), "
+            f"{cfg.num_parameters() / 1e6:.1f}M parameters")
+        res = compose(cfg, src, tmp / DATA_FILE, logits=opts.logits, progress=say)
+        onnx.save(res.model, str(tmp / MODEL_FILE))
+        report: dict[str, Any] = {
+            "source": str(model) if model is not None else {"preset": preset_name, "seed": seed, "layers": layers},
+            "versions": _versions(),
+            "config": cfg.to_json_dict(),
+            "num_parameters": cfg.num_parameters(),
+            "logits": opts.logits,
+            "graph": "portable",
+            "op_histogram": op_histogram(res.model),
+            "timings_s": {k: round(v, 3) for k, v in res.timings.items()},
+        }
+        del res
+        if opts.optimize:
+            from granite_onnx.export.fusions import fuse_model_file
+
+            say("fusing into ONNX Runtime kernels")
+            t = time.perf_counter()
+            fused_dir = parent / f".{out.name}.fused-{os.getpid()}"
+            fused_dir.mkdir()
+            try:
+                counts = fuse_model_file(tmp / MODEL_FILE, fused_dir / MODEL_FILE)
+                for f in (MODEL_FILE, DATA_FILE):
+                    os.replace(fused_dir / f, tmp / f)
+            finally:
+                shutil.rmtree(fused_dir, ignore_errors=True)
+            report["graph"] = "fused"
+            report["fusion_counts"] = counts
+            report["op_histogram_portable"] = report["op_histogram"]
+            report["op_histogram"] = op_histogram(onnx.load(str(tmp / MODEL_FILE), load_external_data=False))
+            report["timings_s"]["fuse_s"] = round(time.perf_counter() - t, 3)
+        (tmp / GRANITE_CONFIG).write_text(json.dumps({"config": cfg.to_json_dict(), "logits": opts.logits,
+                                                      "graph": report["graph"]}, indent=2))
+        (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(cfg), indent=2))
+        copied = []
+        if model is not None:
+            for f in TOKENIZER_FILES:
+                if (Path(model) / f).exists():
+                    shutil.copy2(Path(model) / f, tmp / f)
+                    copied.append(f)
+        report["tokenizer_files"] = copied
+        if opts.parity_check and cfg.num_parameters() < 400e6:
+            say("checking parity (ONNX Runtime vs the torch layer modules)")
+            report["parity"] = _parity(tmp, src, opts.logits)
+        else:
+            report["parity"] = {"skipped": "model too large for the in-export check; run granite-onnx validate"}
+        report["timings_s"]["total_s"] = round(time.perf_counter() - t0, 3)
+        report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        report["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir())
+        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+        # Atomic swap into place.
+        if out.exists():
+            old = parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        say(f"wrote {out} ({report['size_bytes'] / 2**20:.1f} MiB) in {report['timings_s']['total_s']:.1f} s, "
+            f"peak RSS {report['peak_rss_mb']:.0f} MB")
+        return report
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
