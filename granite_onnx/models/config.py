@@ -404,7 +404,7 @@ SMALL: dict[str, dict[str, Any]] = {
                  max_position_embeddings=4096),
 }
 # Granite-Tiny widths with 4 layers (attention at 2): the shape-realistic benchmark model.
-ALIASES = {"tiny-4L": ("granite-4.0-h-tiny", 4)}
+ALIASES = {"tiny-4L": ("granite-4.0-tiny-preview", 4)}
 
 
 def preset_names() -> list[str]:

@@ -1,0 +1,270 @@
+"""`granite-onnx` command line: export, optimize, generate, chat, validate, bench.
+
+Each subcommand parses its arguments and calls one library function. Exit codes: 0 ok, 1 a check
+failed (validate), 2 bad input or a model that cannot be used (the message says why and how to fix it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger("granite_onnx")
+
+DEFAULT_MODEL_HINT = "the shipped default model (granite_onnx/assets/default_model)"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input: printed as one line, exit 2 (no traceback)."""
+    from granite_onnx.models.config import ConfigError
+    from granite_onnx.runtime.config import GenerationConfigError
+    from granite_onnx.runtime.generate import RequestError
+    from granite_onnx.runtime.session import RuntimeError_
+    from granite_onnx.runtime.tokenizer import ChatTemplateError, TokenizerNotFoundError
+
+    errs: list[type[BaseException]] = [ConfigError, GenerationConfigError, RequestError, RuntimeError_,
+                                       ChatTemplateError, TokenizerNotFoundError]
+    try:
+        from granite_onnx.export.exporter import ExportError
+        from granite_onnx.models.weights import WeightsError
+
+        errs += [ExportError, WeightsError]
+    except ImportError:  # export extra not installed
+        pass
+    return tuple(errs)
+
+
+def default_model_dir() -> Path:
+    return Path(__file__).parent / "assets" / "default_model"
+
+
+# ------------------------------------------------------------------------- export
+def _add_source(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="local HF checkpoint folder (config.json + *.safetensors)")
+    g.add_argument("--preset", help="a preset shape with seeded random weights (see `granite-onnx presets`)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --preset weights (default 0)")
+    p.add_argument("--layers", type=int, help="override the preset's layer count (keeps its widths)")
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from granite_onnx.export.exporter import ExportOptions, export
+
+    opts = ExportOptions(logits=a.logits, optimize=a.optimize, overwrite=a.overwrite,
+                         parity_check=not a.no_parity_check)
+    report = export(model=a.model, preset_name=a.preset, seed=a.seed, layers=a.layers, out=a.out, options=opts,
+                    progress=lambda s: print(f"[export] {s}", file=sys.stderr, flush=True))
+    if a.json:
+        print(json.dumps(report, indent=2))
+    else:
+        par = report.get("parity", {})
+        print(f"exported to {a.out}: {report['num_parameters'] / 1e6:.1f}M parameters, graph {report['graph']}, "
+              f"{report['size_bytes'] / 2**20:.1f} MiB, {report['timings_s']['total_s']:.1f} s, "
+              f"peak RSS {report['peak_rss_mb']:.0f} MB"
+              + (f", parity max |Δ| {par['worst']:.2e}" if "worst" in par else ""))
+    return 0
+
+
+def cmd_optimize(a: argparse.Namespace) -> int:
+    from granite_onnx.export.optimize import optimize_folder
+
+    report = optimize_folder(a.input, a.output, overwrite=a.overwrite)
+    print(json.dumps(report, indent=2) if a.json else f"fused {a.input} → {a.output}: {report['fusion_counts']}")
+    return 0
+
+
+# ----------------------------------------------------------------------- generate
+def _gen_config(a: argparse.Namespace) -> Any:
+    from granite_onnx.runtime.config import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                            top_p=a.top_p, min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed,
+                            stop_strings=tuple(a.stop or ()), logprobs=getattr(a, "logprobs", False))
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from granite_onnx.runtime.generate import Model, RequestError
+
+    cfg = _gen_config(a)
+    model = Model.load(a.model_dir, provider=a.provider, threads=a.threads)
+    if a.ids is not None:
+        try:
+            prompt: Any = [int(x) for x in a.ids.split(",") if x.strip()]
+        except ValueError:
+            raise RequestError(f"--ids must be comma-separated integers, got {a.ids!r}") from None
+    else:
+        prompt = a.prompt
+    if a.chat:
+        if model.tokenizer is None:
+            raise RequestError("--chat needs a tokenizer in the model folder")
+        prompt = model.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+    t0 = time.perf_counter()
+    if a.stream and not a.json:
+        n = 0
+        for piece in model.stream(prompt, cfg, chunk_size=a.chunk_size):
+            print(piece, end="", flush=True)
+            n += 1
+        print()
+        return 0
+    res = model.generate(prompt, cfg, chunk_size=a.chunk_size)[0]
+    dt = time.perf_counter() - t0
+    if a.json:
+        print(json.dumps({"token_ids": res.token_ids, "text": res.text, "finish_reason": res.finish_reason,
+                          "prompt_tokens": res.prompt_tokens, "logprobs": res.logprobs, "seconds": round(dt, 4)}))
+    else:
+        print(res.text if res.text is not None else " ".join(map(str, res.token_ids)))
+        print(f"[{len(res.token_ids)} tokens, {res.finish_reason}, {len(res.token_ids) / dt:.1f} tok/s]",
+              file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------- validate
+def cmd_validate(a: argparse.Namespace) -> int:
+    from granite_onnx.validate import validate
+
+    rep = validate(a.model_dir, a.reference, seed=a.seed, layers=a.layers, prompt_len=a.prompt_len,
+                   decode_steps=a.decode_steps, greedy_tokens=a.greedy_tokens, batch=a.batch, atol=a.atol)
+    if a.json:
+        print(json.dumps(rep.to_json()))
+    else:
+        print(rep.format_table())
+    return 0 if rep.passed else 1
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from granite_onnx.bench import bench
+
+    res = bench(a.model_dir, a.reference, seed=a.seed, layers=a.layers, threads=a.threads, prompt_len=a.prompt_len,
+                new_tokens=a.new_tokens, batches=tuple(a.batch), prefill_lens=tuple(a.prefill), skip_hf=a.no_hf,
+                progress=lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True))
+    print(json.dumps(res, indent=2) if a.json else res["table"])
+    return 0
+
+
+def cmd_presets(a: argparse.Namespace) -> int:
+    from granite_onnx.models.config import preset, preset_names
+
+    rows = []
+    for n in preset_names():
+        c = preset(n)
+        rows.append({"name": n, "layers": c.num_layers, "hidden": c.hidden_size, "attention_layers":
+                     list(c.attention_layers), "experts": c.num_experts, "params_M": round(c.num_parameters() / 1e6, 1)})
+    if a.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']:28s} {r['layers']:3d} layers  hidden {r['hidden']:5d}  experts {r['experts']:3d}  "
+                  f"{r['params_M']:10.1f}M params  attention at {r['attention_layers']}")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="granite-onnx", description=(
+        "Export Granite 4.0 hybrid models (Mamba-2 + attention + MoE) to stateful ONNX, run them with "
+        "ONNX Runtime, and prove they equal PyTorch."))
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("export", help="export an HF checkpoint or a preset to a model folder")
+    _add_source(e)
+    e.add_argument("--out", required=True, help="output model folder (written atomically)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    e.add_argument("--logits", choices=["last", "all"], default="last",
+                   help="return only the last position's logits (default) or every position's")
+    grp = e.add_mutually_exclusive_group()
+    grp.add_argument("--optimize", dest="optimize", action="store_true", default=False,
+                     help="fuse into ONNX Runtime kernels (granite-onnx optimize)")
+    grp.add_argument("--portable", dest="optimize", action="store_false",
+                     help="keep the standard-op graph (default)")
+    e.add_argument("--no-parity-check", action="store_true", help="skip the short in-export parity check")
+    e.add_argument("--json", action="store_true", help="print the export report as JSON")
+    e.set_defaults(fn=cmd_export)
+
+    o = sub.add_parser("optimize", help="fuse a portable model folder into ONNX Runtime kernels")
+    o.add_argument("input")
+    o.add_argument("output")
+    o.add_argument("--overwrite", action="store_true")
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(fn=cmd_optimize)
+
+    g = sub.add_parser("generate", help="generate from a model folder")
+    g.add_argument("model_dir")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the folder)")
+    src.add_argument("--ids", help="prompt token ids, comma-separated")
+    _add_sampling(g)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    g.add_argument("--stream", action="store_true", help="print text as it is decoded")
+    g.add_argument("--chunk-size", type=int, default=None, help="prefill chunk size (default: whole prompt)")
+    g.add_argument("--logprobs", action="store_true")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(fn=cmd_generate)
+
+    v = sub.add_parser("validate", help="compare a model folder with HF transformers, output by output")
+    v.add_argument("model_dir")
+    v.add_argument("--reference", required=True, help="HF checkpoint folder or preset name")
+    v.add_argument("--seed", type=int, default=None, help="preset seed (default: the one the folder was exported with)")
+    v.add_argument("--layers", type=int, default=None)
+    v.add_argument("--prompt-len", type=int, default=37)
+    v.add_argument("--decode-steps", type=int, default=16)
+    v.add_argument("--greedy-tokens", type=int, default=32)
+    v.add_argument("--batch", type=int, default=3)
+    v.add_argument("--atol", type=float, default=1e-4)
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(fn=cmd_validate)
+
+    b = sub.add_parser("bench", help="time prefill and decode for this runtime and HF eager, side by side")
+    b.add_argument("model_dir")
+    b.add_argument("--reference", required=True, help="HF checkpoint folder or preset name")
+    b.add_argument("--seed", type=int, default=None)
+    b.add_argument("--layers", type=int, default=None)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--prompt-len", type=int, default=32)
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--batch", type=int, nargs="+", default=[1])
+    b.add_argument("--prefill", type=int, nargs="+", default=[512])
+    b.add_argument("--no-hf", action="store_true", help="time this runtime only")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=cmd_bench)
+
+    pr = sub.add_parser("presets", help="list the preset shapes")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(fn=cmd_presets)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(a.fn(a))
+    except _user_errors() as e:
+        print(f"granite-onnx {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
