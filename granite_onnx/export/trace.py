@@ -69,10 +69,19 @@ def _dim(name: str, min: int = 1) -> Any:  # noqa: A002
 
 
 def trace_layer(cfg: HybridConfig, kind: str) -> LayerTemplate:
-    """Trace one decoder layer of `kind` with example shapes; return its graph template."""
+    """Trace one decoder layer of `kind` with example shapes; return its graph template.
+
+    Traced on the meta device: weights are graph inputs, so no example weight is ever allocated and
+    tracing a 600 MB MoE layer costs no more memory than a small one.
+    """
+    with torch.device("meta"):
+        return _trace_layer(cfg, kind)
+
+
+def _trace_layer(cfg: HybridConfig, kind: str) -> LayerTemplate:
     layer = make_layer(cfg, kind).eval()
     names = [n for n, _ in layer.named_parameters()]
-    weights = tuple(torch.randn(p.shape) * 0.02 for _, p in layer.named_parameters())
+    weights = tuple(torch.empty(p.shape) for _, p in layer.named_parameters())
     b, t, past = 2, 5, 3
     batch, seq, pseq = _dim(io.BATCH), _dim(io.SEQUENCE), _dim(io.PAST_SEQUENCE, 0)
     hidden = torch.randn(b, t, cfg.hidden_size)
@@ -137,8 +146,9 @@ class _Kernel(torch.nn.Module):
 
 def trace_kernel(cfg: HybridConfig, name: str, attrs: dict[str, Any]) -> ir.Function:
     """The ONNX function `granite_onnx.<name>` whose body computes kernels.<name> with `attrs` baked in."""
-    args, ins, outs, dyn = _kernel_examples(cfg, name)
-    model = _export(_Kernel(name, attrs), args, ins, outs, dyn)
+    with torch.device("meta"):  # example inputs carry shapes only
+        args, ins, outs, dyn = _kernel_examples(cfg, name)
+        model = _export(_Kernel(name, attrs), args, ins, outs, dyn)
     g = model.graph
     # A function has no initializers: turn the traced constants into Constant nodes.
     consts = []
