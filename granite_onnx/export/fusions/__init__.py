@@ -1,0 +1,143 @@
+"""Graph optimizer: the portable graph's kernel calls → ONNX Runtime contrib ops, one rewrite per file.
+
+| fusion    | replaces                            | with (com.microsoft unless noted)          | file         |
+|-----------|-------------------------------------|--------------------------------------------|--------------|
+| scan      | granite_onnx.CausalConv1d           | CausalConvWithState(activation="silu")     | scan.py      |
+|           | granite_onnx.SSMScan                | LinearAttention(update_rule="gated")       | scan.py      |
+| moe       | granite_onnx.MoE                    | MatMul (router logits) + MoE(swiglu)       | moe.py       |
+| attention | granite_onnx.Attention              | GroupQueryAttention(do_rotary=0)           | attention.py |
+| norms     | Add + RMSNormalization              | SkipSimplifiedLayerNormalization           | norms.py     |
+|           | RMSNormalization                    | SimplifiedLayerNormalization (ONNX domain) | norms.py     |
+| (always)  | orphaned functions/weights, consts  | —                                          | cleanup.py   |
+
+Order (`fuse_all`): shape inference once (the checks read static heads/dims), then scan, moe,
+attention, norms, cleanup. The kernel fusions are one-node patterns and independent of each other;
+norms run after them so that the Adds they absorb are final, and cleanup runs last because it removes
+what the others orphaned (the portable functions, the old MoE and conv weights) and merges the
+per-layer copies of the attention-mask arithmetic. Each fusion returns how often it fired; a call
+node it refused stays (ONNX Runtime inlines its portable function), and `explain(model)` says why
+(fuse_all logs it at INFO).
+
+With every fusion firing, the fused graph holds no `granite_onnx.*` node and no Scan/Loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
+
+from granite_onnx.export.fusions._common import PORTABLE_DOMAIN, infer_shapes
+from granite_onnx.export.fusions.attention import attention_rules, fuse_attention
+from granite_onnx.export.fusions.cleanup import cleanup
+from granite_onnx.export.fusions.moe import fuse_moe, moe_rules
+from granite_onnx.export.fusions.norms import fuse_rms_norm, fuse_skip_rms_norm, rms_norm_rules, skip_rms_norm_rules
+from granite_onnx.export.fusions.scan import causal_conv_rules, fuse_causal_conv, fuse_ssm_scan, ssm_scan_rules
+
+log = logging.getLogger(__name__)
+
+ALL_FUSIONS = ("scan", "moe", "attention", "norms")
+
+# fusion name → (count key, rewrite) in the order they run
+_STEPS: dict[str, list[tuple[str, Callable[[ir.Model], int]]]] = {
+    "scan": [("causal_conv", fuse_causal_conv), ("ssm_scan", fuse_ssm_scan)],
+    "moe": [("moe", fuse_moe)],
+    "attention": [("attention", fuse_attention)],
+    "norms": [("skip_rms_norm", fuse_skip_rms_norm), ("rms_norm", fuse_rms_norm)],
+}
+
+_RULES: dict[str, pattern.RewriteRuleSet] = {
+    "causal_conv": causal_conv_rules,
+    "ssm_scan": ssm_scan_rules,
+    "moe": moe_rules,
+    "attention": attention_rules,
+    "skip_rms_norm": skip_rms_norm_rules,
+    "rms_norm": rms_norm_rules,
+}
+
+__all__ = [
+    "ALL_FUSIONS",
+    "cleanup",
+    "explain",
+    "fuse_all",
+    "fuse_attention",
+    "fuse_causal_conv",
+    "fuse_model_file",
+    "fuse_moe",
+    "fuse_rms_norm",
+    "fuse_skip_rms_norm",
+    "fuse_ssm_scan",
+    "portable_calls",
+]
+
+
+def portable_calls(model: ir.Model) -> list[str]:
+    """Names of the `granite_onnx.*` call nodes still in the graph (empty when all fused)."""
+    return [n.name or n.op_type for n in model.graph.all_nodes() if n.domain == PORTABLE_DOMAIN]
+
+
+def explain(model: ir.Model, *, fusions: Sequence[str] = ALL_FUSIONS) -> dict[str, str]:
+    """Why each fusion refused a node it matched: {node name: "<rewrite>: <reason>"}. Changes nothing."""
+    infer_shapes(model)
+    reasons: dict[str, str] = {}
+    for name in fusions:
+        for key, _ in _STEPS[name]:
+            tracer = MatchingTracer()
+            _RULES[key].apply_to_model(model, tracer=tracer)
+            for matches in tracer.best_matches_map.values():
+                for m in matches:
+                    if m.status == MatchStatus.CONDITION_FAILED:
+                        reasons[m.root_node.name or str(m.root_node)] = f"{key}: {m.match_result.reason}"
+    return reasons
+
+
+def fuse_all(model: ir.Model, *, fusions: Sequence[str] = ALL_FUSIONS) -> dict[str, int]:
+    """Apply `fusions` (a subset of ALL_FUSIONS) and cleanup in place; return the count of each rewrite.
+
+    Keys: causal_conv, ssm_scan, moe, attention, skip_rms_norm, rms_norm (0 when not requested), and
+    `cleanup`: nodes and functions it removed.
+    """
+    unknown = [f for f in fusions if f not in _STEPS]
+    if unknown:
+        raise ValueError(f"unknown fusion(s) {unknown}; choose from {list(ALL_FUSIONS)}")
+    infer_shapes(model)
+    counts: dict[str, int] = {}
+    for name in ALL_FUSIONS:  # fixed order, whatever order `fusions` lists them in
+        for key, fuse in _STEPS[name]:
+            counts[key] = fuse(model) if name in fusions else 0
+    counts["cleanup"] = cleanup(model)
+    left = portable_calls(model)
+    if left:
+        why = explain(model, fusions=fusions)
+        for name in left:
+            log.info("kept portable call %s: %s", name, why.get(name, "its fusion was not requested"))
+    return counts
+
+
+def fuse_model_file(in_path: Path, out_path: Path, **kw: object) -> dict[str, int]:
+    """Load `in_path` (model.onnx with its external data beside it), fuse, save to `out_path`.
+
+    The weights go to a new external-data file `<out_path name>.data` next to `out_path`, written one
+    tensor at a time (re-laid-out weights are computed as they are written), so peak memory stays
+    near one tensor, not the model. `kw` goes to `fuse_all`. Returns fuse_all's counts.
+    """
+    in_path, out_path = Path(in_path), Path(out_path)
+    data_name = f"{out_path.name}.data"
+    if (out_path.parent / data_name).resolve() == (in_path.parent / data_name).resolve() or \
+            out_path.resolve() == in_path.resolve():
+        raise ValueError(f"refusing to fuse {in_path} onto itself: the new external data would replace the "
+                         "weights it is read from; write the fused model to another folder")
+    t0 = time.perf_counter()
+    model = ir.load(in_path)
+    counts = fuse_all(model, **kw)  # type: ignore[arg-type]
+    model.metadata_props["granite_onnx.fusions"] = json.dumps(counts)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ir.save(model, out_path, external_data=data_name)
+    log.info("fused %s → %s in %.1f s: %s", in_path, out_path, time.perf_counter() - t0, counts)
+    return counts

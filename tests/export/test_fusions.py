@@ -1,0 +1,309 @@
+"""Parity rung: fused vs portable graph, both in ONNX Runtime with its own graph optimisations off.
+
+Per fusion: it fires (count ≥ 1) and the call nodes it replaces are gone; a graph its check must refuse
+gives count 0 and says why; ORT outputs agree before and after on a left-padded batch-2 prefill, a
+decode step with past state, and a batch-2 chunk of 3 tokens after that (GQA's `query_seqlens` case).
+
+What "agree" means with left padding: every present.* state and the logits of real tokens. The rows
+of padding *queries* differ by design (no key is visible to them; see fusions/attention.py), so the
+logits at padding positions and the K/V rows at padding positions of an attention layer that comes
+after another are not compared — nothing a real token computes ever reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from granite_onnx.export import io
+from granite_onnx.export.compose import DATA_FILE, compose
+from granite_onnx.export.fusions import (
+    ALL_FUSIONS,
+    explain,
+    fuse_all,
+    fuse_attention,
+    fuse_causal_conv,
+    fuse_model_file,
+    fuse_moe,
+    fuse_rms_norm,
+    fuse_skip_rms_norm,
+    fuse_ssm_scan,
+    portable_calls,
+)
+from granite_onnx.export.fusions._common import ORT_DOMAIN, PORTABLE_DOMAIN
+from granite_onnx.export.fusions.moe import interleave_gate_up
+from granite_onnx.models import kernels
+from granite_onnx.models.config import ATTENTION, MAMBA, HybridConfig, preset
+from granite_onnx.models.weights import RandomWeights
+
+ATOL = 1e-4  # float32: logits and every present.* state
+BATCH, PROMPT, PAD = 2, 9, 3  # row 1 of the prompt is left-padded by PAD tokens
+
+# what each fusion replaces (portable call ops) and what it must produce
+REPLACES = {
+    "scan": ({"CausalConv1d", "SSMScan"}, {"CausalConvWithState", "LinearAttention"}),
+    "moe": ({"MoE"}, {"MoE"}),
+    "attention": ({"Attention"}, {"GroupQueryAttention"}),
+    "norms": (set(), {"SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"}),
+}
+
+
+# ----------------------------------------------------------------------------- fixtures
+@dataclasses.dataclass
+class Portable:
+    cfg: HybridConfig
+    path: Path
+    outputs: dict[str, list[dict[str, np.ndarray]]]  # step → portable outputs by name
+    feeds: dict[str, dict[str, np.ndarray]]  # step → inputs
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _ladder(cfg: HybridConfig, sess: ort.InferenceSession) -> tuple[dict, dict]:
+    """Prefill (left-padded) → decode 1 token → chunk of 3 tokens, each from the previous portable state."""
+    rng = np.random.default_rng(7)
+    names = io.output_names(cfg)
+    mask = np.ones((BATCH, PROMPT), np.int64)
+    mask[1, :PAD] = 0
+    feeds = {io.INPUT_IDS: rng.integers(0, cfg.vocab_size, (BATCH, PROMPT)), io.ATTENTION_MASK: mask}
+    for spec in io.state_specs(cfg):
+        feeds[spec.past_name] = np.zeros(spec.concrete_shape(BATCH, 0), np.float32)
+    all_feeds, all_outs = {}, {}
+    for step, new in (("prefill", 0), ("decode", 1), ("chunk", 3)):
+        if new:
+            prev = all_outs[list(all_outs)[-1]]
+            feeds = {io.INPUT_IDS: rng.integers(0, cfg.vocab_size, (BATCH, new)),
+                     io.ATTENTION_MASK: np.concatenate([feeds[io.ATTENTION_MASK], np.ones((BATCH, new), np.int64)], 1)}
+            for present, past in io.iter_present_to_past(cfg):
+                feeds[past] = prev[present]
+        all_feeds[step] = feeds
+        all_outs[step] = dict(zip(names, sess.run(None, feeds)))
+    return all_feeds, all_outs
+
+
+def _build(cfg: HybridConfig, folder: Path, logits: str = "all") -> Portable:
+    folder.mkdir(parents=True, exist_ok=True)
+    res = compose(cfg, RandomWeights(cfg, 1), folder / DATA_FILE, logits=logits)
+    onnx.save(res.model, folder / "model.onnx")
+    feeds, outs = _ladder(cfg, _session(folder / "model.onnx"))
+    return Portable(cfg, folder / "model.onnx", outs, feeds)
+
+
+def _dense_two_groups() -> HybridConfig:
+    """No experts (the dense-MLP path: nothing for the MoE fusion) and 2 Mamba groups (keys expanded ×2)."""
+    return dataclasses.replace(preset("test"), num_experts=0, num_experts_per_tok=0, mamba_n_groups=2)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Portable]:
+    root = tmp_path_factory.mktemp("fusions")
+    return {"test": _build(preset("test"), root / "test"),
+            "dense_g2": _build(_dense_two_groups(), root / "dense_g2")}
+
+
+# ----------------------------------------------------------------------------- helpers
+def _fused(portable: Portable, tmp: Path, fusions: tuple[str, ...]) -> tuple[Path, dict[str, int]]:
+    out = tmp / "model.onnx"
+    return out, fuse_model_file(portable.path, out, fusions=fusions)
+
+
+def _compare(portable: Portable, fused_path: Path) -> None:
+    """Max |diff| per output name and step (printed), then assert all of them at once."""
+    cfg, sess = portable.cfg, _session(fused_path)
+    attn = cfg.attention_layers
+    failures = []
+    for step, feeds in portable.feeds.items():
+        got = dict(zip(io.output_names(cfg), sess.run(None, feeds)))
+        mask = feeds[io.ATTENTION_MASK]
+        for name, want in portable.outputs[step].items():
+            diff = np.abs(got[name] - want)
+            if name == io.LOGITS:
+                diff = diff[mask[:, -diff.shape[1]:] > 0]  # positions of real tokens only
+            elif name.endswith((".key", ".value")) and int(name.split(".")[1]) != attn[0]:
+                diff = diff.transpose(0, 2, 1, 3)[mask > 0]  # rows of real tokens only
+            err = float(diff.max()) if diff.size else 0.0
+            print(f"{'✓' if err <= ATOL else '✗'} {step:8s} {name:30s} max |diff| {err:.2e}")
+            if not err <= ATOL:
+                failures.append(f"{step} {name}: {err:.2e} > {ATOL}")
+    assert not failures, "fused ≠ portable: " + "; ".join(failures)
+
+
+def _ops(model: ir.Model) -> set[tuple[str, str]]:
+    return {(n.domain, n.op_type) for n in model.graph.all_nodes()}
+
+
+def _expected_counts(cfg: HybridConfig, logits: str = "all") -> dict[str, int]:
+    n_mamba = cfg.layer_types.count(MAMBA)
+    layers = cfg.num_layers
+    return {
+        "causal_conv": n_mamba, "ssm_scan": n_mamba, "attention": cfg.layer_types.count(ATTENTION),
+        "moe": layers if cfg.has_experts else 0,
+        # each layer's post-norm + the next layer's input norm (the final norm when logits="all")
+        "skip_rms_norm": 2 * layers - (logits == "last"),
+        # layer 0's input norm, each Mamba gated norm (+ the final norm after the last-position Slice)
+        "rms_norm": 1 + n_mamba + (logits == "last"),
+    }
+
+
+# ----------------------------------------------------------------------------- tests
+def test_portable_domain_is_the_kernels_domain() -> None:
+    assert PORTABLE_DOMAIN == kernels.DOMAIN
+
+
+def test_interleave_gate_up_layout() -> None:
+    """fc1[e] rows are g0, u0, g1, u1, … of gate_up[e] = [D, gate | up]: the layout probed on the CPU kernel."""
+    e, d, i = 2, 3, 4
+    gu = np.arange(e * d * 2 * i, dtype=np.float32).reshape(e, d, 2 * i)
+    fc1 = interleave_gate_up(gu)
+    assert fc1.shape == (e, 2 * i, d)
+    np.testing.assert_array_equal(fc1[:, 0::2, :], gu[..., :i].transpose(0, 2, 1))
+    np.testing.assert_array_equal(fc1[:, 1::2, :], gu[..., i:].transpose(0, 2, 1))
+
+
+@pytest.mark.parametrize("fusion", ALL_FUSIONS)
+def test_each_fusion_fires_and_keeps_outputs(models: dict[str, Portable], fusion: str, tmp_path: Path) -> None:
+    portable = models["test"]
+    path, counts = _fused(portable, tmp_path, (fusion,))
+    expected = _expected_counts(portable.cfg)
+    fired = {k: v for k, v in counts.items() if k != "cleanup" and v}
+    assert fired and all(expected[k] == v for k, v in fired.items()), (counts, expected)
+    model = ir.load(path)
+    gone, made = REPLACES[fusion]
+    ops = _ops(model)
+    assert not {(PORTABLE_DOMAIN, op) for op in gone} & ops
+    assert all(any(op == o for _, o in ops) for op in made)
+    if fusion == "norms":
+        assert ("", "RMSNormalization") not in ops
+    _compare(portable, path)
+
+
+@pytest.mark.parametrize("name", ["test", "dense_g2"])
+def test_fuse_all(models: dict[str, Portable], name: str, tmp_path: Path) -> None:
+    portable = models[name]
+    path, counts = _fused(portable, tmp_path, ALL_FUSIONS)
+    print(counts)
+    assert {k: v for k, v in counts.items() if k != "cleanup"} == _expected_counts(portable.cfg)
+    model = ir.load(path)
+    ops = _ops(model)
+    assert portable_calls(model) == [] and not model.functions
+    assert not {op for _, op in ops} & {"Scan", "Loop", "RMSNormalization"}
+    assert PORTABLE_DOMAIN not in model.opset_imports and ORT_DOMAIN in model.opset_imports
+    # hierarchical names survive: the GQA node sits where the Attention call was
+    gqa = [n.name for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert gqa and all(n.startswith(f"/model/layers.{i}/") for n, i in zip(gqa, portable.cfg.attention_layers))
+    assert model.metadata_props["granite_onnx.fusions"]
+    _compare(portable, path)
+
+
+def test_fuse_model_file_refuses_to_overwrite_its_source(models: dict[str, Portable]) -> None:
+    with pytest.raises(ValueError, match="onto itself"):
+        fuse_model_file(models["test"].path, models["test"].path)
+
+
+def test_unknown_fusion_name() -> None:
+    with pytest.raises(ValueError, match="unknown fusion"):
+        fuse_all(ir.Model(ir.Graph([], [], nodes=[], opset_imports={"": 23}), ir_version=10), fusions=("rope",))
+
+
+# ----------------------------------------------------------- negative cases: graphs a check must refuse
+def _value(name: str, dtype: ir.DataType, shape: tuple[int | str, ...]) -> ir.Value:
+    return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+
+
+def _one_node(op_type: str, domain: str, inputs: list[ir.Value], n_out: int, attrs: dict | None = None,
+              initializers: tuple[ir.Value, ...] = ()) -> ir.Model:
+    node = ir.node(op_type, inputs, attributes=attrs or {}, domain=domain, num_outputs=n_out,
+                   name=f"/model/layers.0/{op_type}")
+    for i, out in enumerate(node.outputs):
+        out.name = f"out{i}"
+    graph = ir.Graph([v for v in inputs if v not in initializers], list(node.outputs), nodes=[node],
+                     initializers=initializers, opset_imports={"": 23, PORTABLE_DOMAIN: 1})
+    return ir.Model(graph, ir_version=10)
+
+
+def _weight(name: str, shape: tuple[int, ...]) -> ir.Value:
+    v = _value(name, ir.DataType.FLOAT, shape)
+    v.const_value = ir.tensor(np.zeros(shape, np.float32), name=name)
+    return v
+
+
+F32, F64 = ir.DataType.FLOAT, ir.DataType.DOUBLE
+
+
+def _refusal(fuse: Callable[[ir.Model], int], model: ir.Model, fusion: str) -> str:
+    reasons = explain(model, fusions=(fusion,))
+    count = fuse(model)
+    print(count, reasons)
+    assert count == 0
+    assert len(reasons) == 1
+    return next(iter(reasons.values()))
+
+
+def test_conv_refuses_float64() -> None:
+    x, past = _value("x", F64, ("b", 8, "t")), _value("past", F64, ("b", 8, 3))
+    w, b = _value("w", F64, (8, 4)), _value("bias", F64, (8,))
+    model = _one_node("CausalConv1d", PORTABLE_DOMAIN, [x, past, w, b], 2)
+    assert "no ONNX Runtime CPU kernel" in _refusal(fuse_causal_conv, model, "scan")
+
+
+def test_conv_refuses_a_state_that_is_not_k_minus_1_wide() -> None:
+    x, past = _value("x", F32, ("b", 8, "t")), _value("past", F32, ("b", 8, 2))
+    model = _one_node("CausalConv1d", PORTABLE_DOMAIN, [x, past, _weight("w", (8, 4)), _weight("bias", (8,))], 2)
+    assert "K−1 = 3" in _refusal(fuse_causal_conv, model, "scan")
+
+
+def test_scan_refuses_heads_not_a_multiple_of_groups() -> None:
+    b, t = "b", "t"
+    ins = [_value("x", F32, (b, t, 3, 8)), _value("dt", F32, (b, t, 3)), _value("A", F32, (3,)),
+           _value("B", F32, (b, t, 2, 4)), _value("C", F32, (b, t, 2, 4)), _value("h0", F32, (b, 3, 4, 8))]
+    model = _one_node("SSMScan", PORTABLE_DOMAIN, ins, 2, {"chunk_size": 16})
+    assert "not a multiple of 2 groups" in _refusal(fuse_ssm_scan, model, "scan")
+
+
+def test_moe_refuses_expert_weights_that_are_not_initializers() -> None:
+    ins = [_value("x", F32, ("n", 8)), _value("router", F32, (8, 4)), _value("gate_up", F32, (4, 8, 12)),
+           _value("down", F32, (4, 6, 8))]
+    model = _one_node("MoE", PORTABLE_DOMAIN, ins, 1, {"top_k": 2})
+    assert "not an initializer" in _refusal(fuse_moe, model, "moe")
+
+
+def test_attention_refuses_query_heads_not_a_multiple_of_kv_heads() -> None:
+    b, t, p = "b", "t", "p"
+    ins = [_value("q", F32, (b, 3, t, 16)), _value("k", F32, (b, 2, t, 16)), _value("v", F32, (b, 2, t, 16)),
+           _value("pk", F32, (b, 2, p, 16)), _value("pv", F32, (b, 2, p, 16)),
+           _value("mask", ir.DataType.INT64, (b, "s"))]
+    model = _one_node("Attention", PORTABLE_DOMAIN, ins, 3, {"scale": 0.5})
+    assert "not a multiple of 2 key/value heads" in _refusal(fuse_attention, model, "attention")
+
+
+def test_norm_refuses_a_norm_over_leading_axes() -> None:
+    w = _weight("w", (5, 8))
+    model = _one_node("RMSNormalization", "", [_value("x", F32, (2, 5, 8)), w], 1, {"axis": 1, "epsilon": 1e-3},
+                      initializers=(w,))
+    assert "only a last-axis norm" in _refusal(fuse_rms_norm, model, "norms")
+
+
+def test_skip_norm_refuses_a_broadcasting_add() -> None:
+    a, b = _value("a", F32, (1, 5, 8)), _value("b", F32, (2, 5, 8))
+    w = _weight("w", (8,))
+    add = ir.node("Add", [a, b], name="/model/Add")
+    norm = ir.node("RMSNormalization", [add.outputs[0], w], attributes={"epsilon": 1e-3}, name="/model/RMSNorm")
+    norm.outputs[0].name = "y"
+    graph = ir.Graph([a, b], [norm.outputs[0]], nodes=[add, norm], initializers=[w], opset_imports={"": 23})
+    model = ir.Model(graph, ir_version=10)
+    reasons = explain(model, fusions=("norms",))
+    assert "broadcasts" in reasons["/model/RMSNorm"]
+    assert fuse_skip_rms_norm(model) == 0
+    assert fuse_rms_norm(model) == 1  # the norm alone still fuses
