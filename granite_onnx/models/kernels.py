@@ -165,6 +165,12 @@ def call(name: str, inputs: Sequence[torch.Tensor], attrs: dict[str, Any],
         f"{DOMAIN}::{name}", list(inputs), attrs=attrs,
         dtypes=[d for d, _ in specs], shapes=[s for _, s in specs], version=1,
     )
+    # The op's fake outputs are always CPU tensors. Traced on the meta device (trace.py), that device
+    # mismatch makes torch.export's non-strict mode fail, and torch.onnx then silently retries in
+    # strict (dynamo) mode, where is_in_onnx_export() is False: the call nodes vanish into plain ops.
+    # A same-device copy is free in the graph (the ONNX translation drops it).
+    dev = inputs[0].device
+    res = [r.to(dev) if r.device != dev else r for r in res]
     return tuple(res) if len(specs) > 1 else res[0]
 
 
