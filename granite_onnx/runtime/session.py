@@ -2,10 +2,16 @@
 
 `GraniteSession.step(input_ids, attention_mask, state)` runs one forward pass (a prefill chunk or one
 decode token) and returns the logits and the next state. The state lives in OrtValues from step to step
-(on the GPU under CUDA): only the logits — or, through `argmax_ids`, only the chosen ids — reach numpy.
+(on the GPU under CUDA); only the logits reach numpy — on CPU as a view of the buffer ONNX Runtime wrote,
+under CUDA as one [B, kept, V] copy (the graph has no argmax, so greedy decoding copies the last logits,
+not only the ids; the ids go back as one [B, 1] int64 host buffer).
 
-Recurrent state (conv + SSM) is double-buffered: each step reads one buffer set and writes the other, so
-no state tensor is allocated per token. K/V grows with the sequence in the portable graph.
+Per state, two `IOBinding`s are made once and reused (ping-pong): binding p reads recurrent buffer set p
+and writes set 1−p, so the recurrent state (conv + SSM) is bound once, never per token, and no step
+reads a buffer it writes (in-place state biased every step under CUDA graphs in onnxruntime-genai).
+Per decode step the Python side binds only the attention mask (one array view), the K/V inputs and the
+freshly allocated K/V outputs (the portable graph concatenates past and new K/V, so they grow by one
+position a step); the token ids and the logits buffers are bound once and written in place.
 
 Imports: onnxruntime and numpy only (never torch).
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +30,15 @@ import numpy as np
 
 from granite_onnx.export import io
 from granite_onnx.models.config import HybridConfig
+from granite_onnx.runtime import state as hoststate
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 GRANITE_CONFIG = "granite_config.json"
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
 class RuntimeError_(RuntimeError):
@@ -75,24 +85,118 @@ def read_folder_config(path: Path) -> tuple[HybridConfig, dict[str, Any]]:
     return HybridConfig.from_json_dict(meta["config"]), meta
 
 
-@dataclass
+class _Bindings:
+    """The per-state binding cache: two IOBindings (ping-pong) and the buffers bound to them once."""
+
+    def __init__(self, sess: GraniteSession, state: State) -> None:
+        self.pair = (sess.raw.binding(), sess.raw.binding())
+        for p, b in enumerate(self.pair):
+            for name in sess.recurrent_names:
+                sess.raw.bind_input(b, name, state.rec[p][name])
+                sess.raw.bind_output(b, sess.present_of[name], state.rec[1 - p][name])
+        self.bound: list[dict[str, Any]] = [{}, {}]  # per binding: input/output name → the object bound now
+        self.ids = np.zeros((state.batch, 1), np.int64)  # decode token ids, written in place each step
+        self.mask = hoststate.MaskBuffer()
+        self.logits: dict[int, tuple[Any, np.ndarray | None]] = {}  # kept positions → (OrtValue, host view)
+
+
+@dataclass(eq=False)
 class State:
-    """The recurrent state of a batch: one OrtValue per past_* input, plus the sequence length so far."""
+    """The device state of a batch of sequences: K/V and recurrent OrtValues plus where each row starts.
+
+    `past_len` is the number of columns of K/V and attention mask so far; `pads[r]` of them are left
+    padding for row r (mask 0), the rest are real tokens. A state is consumed by `step`, which updates
+    it in place and returns it: take a `snapshot` to keep a copy.
+    """
 
     batch: int
-    values: dict[str, Any]
+    kv: dict[str, Any]  # past K/V names → OrtValue [B, kv_heads, past_len, head_dim]
+    rec: tuple[dict[str, Any], dict[str, Any]]  # the two recurrent buffer sets (ping-pong)
     past_len: int = 0
-    spare: dict[str, Any] = field(default_factory=dict)  # the other half of the ping-pong buffers
+    pads: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    parity: int = 0  # rec[parity] holds the current recurrent state
+    run_s: float = 0.0  # seconds spent inside InferenceSession.run_with_iobinding (overhead accounting)
+    runs: int = 0
+    _io: _Bindings | None = None
+
+    def __post_init__(self) -> None:
+        if self.pads.shape != (self.batch,):
+            self.pads = np.zeros(self.batch, np.int64)
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Every past_* input of the next step → its OrtValue."""
+        return {**self.kv, **self.rec[self.parity]}
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Real (unpadded) tokens per row [B]."""
+        return self.past_len - self.pads
+
+    def mask(self, new_tokens: int, new_pads: np.ndarray | None = None) -> np.ndarray:
+        """The attention mask [B, past_len + new_tokens] for the next step (a reused buffer's view)."""
+        assert self._io is not None
+        pads = self.pads if new_pads is None else new_pads
+        return self._io.mask.view(pads, self.past_len + new_tokens)
+
+
+class _Raw:
+    """The handful of ONNX Runtime calls a step makes, on the pybind objects under the public wrappers.
+
+    `IOBinding.bind_ortvalue_input`, `run_with_iobinding` and `OrtValue.ortvalue_from_shape_and_type`
+    re-check every call (session compatibility, WebGPU capture pins, device lookup): ~15 µs each here,
+    which at ~15 binds a step is most of the Python side of a decode step. These are the same calls
+    without the checks (our values always come from this session's own allocator). Should a future
+    onnxruntime move the private attributes, `fast` is False and the public API is used instead.
+    """
+
+    def __init__(self, ort: Any, sess: Any, device: str, device_id: int) -> None:
+        self.ort, self.sess = ort, sess
+        c = getattr(getattr(ort, "capi", None), "onnxruntime_pybind11_state", None)
+        self.fast = (c is not None and hasattr(sess, "_sess") and hasattr(sess.io_binding(), "_iobinding")
+                     and hasattr(getattr(c, "OrtValue", None), "ortvalue_from_shape_and_type"))
+        self.device, self.device_id = device, device_id
+        self.C = c
+        self.cdev = ort.OrtDevice.make(device, device_id)._get_c_device() if self.fast else None
+
+    def binding(self) -> Any:
+        b = self.sess.io_binding()
+        return b._iobinding if self.fast else b
+
+    def alloc(self, shape: list[int], dtype: Any) -> Any:
+        if self.fast:
+            return self.C.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.cdev)
+        return self.ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, self.device_id)
+
+    def bind_input(self, b: Any, name: str, v: Any) -> None:
+        if isinstance(v, np.ndarray):
+            b.bind_input(name, v) if self.fast else b.bind_cpu_input(name, v)  # by reference: keep v alive
+        else:
+            b.bind_ortvalue_input(name, v)
+
+    def bind_output(self, b: Any, name: str, v: Any) -> None:
+        b.bind_ortvalue_output(name, v)
+
+    def run(self, b: Any) -> None:
+        if self.fast:
+            self.sess._sess.run_with_iobinding(b, None)
+        else:
+            self.sess.run_with_iobinding(b)
 
 
 class GraniteSession:
     def __init__(self, path: str | Path, *, provider: str = "cpu", threads: int | None = None,
-                 optimization: str = "all") -> None:
+                 optimization: str = "all", spin: bool | None = None) -> None:
+        """`spin`: let ONNX Runtime's idle worker threads spin between runs (its default, None). On a
+        machine whose cores are shared (more runnable threads than cores), False is often faster: the
+        spinning workers otherwise take the core the next step's Python needs."""
         ort = import_ort()
         self.ort = ort
         self.path = Path(path)
         self.cfg, self.meta = read_folder_config(self.path)
         providers, self.device = _providers(ort, provider)
+        if optimization not in ("all", "basic", "none"):
+            raise RuntimeError_(f"unknown optimization level {optimization!r}; use 'all', 'basic' or 'none'")
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
@@ -103,84 +207,175 @@ class GraniteSession:
             "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         }[optimization]
         so.log_severity_level = 3
+        if spin is not None:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
             self.sess = ort.InferenceSession(str(self.path / MODEL_FILE), so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise RuntimeError_(f"ONNX Runtime could not load {self.path / MODEL_FILE}: {e}") from e
+        if self.device == "cuda" and "CUDAExecutionProvider" not in self.sess.get_providers():
+            raise RuntimeError_("ONNX Runtime fell back to the CPU although 'cuda' was asked for (no usable GPU or "
+                                "CUDA/cuDNN libraries not found); check `nvidia-smi` and the onnxruntime-gpu "
+                                "install, or use provider='cpu'")
         self.specs = io.state_specs(self.cfg)
         self.logits_mode = self.meta.get("logits", "last")
-        names = {i.name for i in self.sess.get_inputs()}
-        missing = [n for n in io.input_names(self.cfg) if n not in names]
+        inputs = {i.name: i for i in self.sess.get_inputs()}
+        missing = [n for n in io.input_names(self.cfg) if n not in inputs]
         if missing:
             raise RuntimeError_(f"{self.path / MODEL_FILE} lacks inputs {missing[:3]}: it does not follow the "
                                 "granite-onnx state contract; re-export it")
+        self.dtypes = {s.past_name: _NP_TYPES.get(inputs[s.past_name].type, np.float32) for s in self.specs}
+        self.kv_specs = [s for s in self.specs if s.kind in ("key", "value")]
+        self.recurrent_names = [s.past_name for s in self.specs if s.kind in ("conv_state", "recurrent_state")]
+        self.present_of = {s.past_name: s.present_name for s in self.specs}
+        self.vocab_size = self.cfg.vocab_size
         self._device_id = 0
+        self.raw = _Raw(ort, self.sess, self.device, self._device_id)
+        cfg = self.cfg
+        self._kv_dims = (cfg.num_key_value_heads, cfg.head_dim)
 
     # ------------------------------------------------------------------ state
-    def _zeros(self, shape: tuple[int, ...]) -> Any:
-        v = self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, self.device, self._device_id)
-        v.update_inplace(np.zeros(shape, np.float32))  # the allocation is uninitialised
+    def _alloc(self, name: str, shape: tuple[int, ...] | list[int]) -> Any:
+        return self.raw.alloc(list(shape), self.dtypes[name])
+
+    def _from_numpy(self, name: str, a: np.ndarray) -> Any:
+        """A new OrtValue of this session's allocator holding a copy of `a` (the array is not kept)."""
+        v = self._alloc(name, a.shape)
+        v.update_inplace(np.ascontiguousarray(a, dtype=self.dtypes[name]))
         return v
 
-    def new_state(self, batch: int) -> State:
-        values, spare = {}, {}
+    def new_state(self, batch: int, pads: np.ndarray | None = None) -> State:
+        """Zero state for `batch` fresh sequences; `pads` [B] = left padding the first prefill will have."""
+        kv, live, spare = {}, {}, {}
         for s in self.specs:
-            values[s.past_name] = self._zeros(s.concrete_shape(batch, 0))
-            if s.kind in ("conv_state", "recurrent_state"):
-                spare[s.past_name] = self._zeros(s.concrete_shape(batch, 0))
-        return State(batch, values, 0, spare)
+            shape = s.concrete_shape(batch, 0)
+            if s.kind in ("key", "value"):
+                kv[s.past_name] = self._alloc(s.past_name, shape)
+            else:
+                live[s.past_name] = self._from_numpy(s.past_name, np.zeros(shape, self.dtypes[s.past_name]))
+                spare[s.past_name] = self._alloc(s.past_name, shape)  # written before it is read
+        st = State(batch, kv, (live, spare))
+        st._io = _Bindings(self, st)
+        if pads is not None:
+            st.pads = np.asarray(pads, np.int64).copy()
+        return st
 
     def state_to_numpy(self, state: State) -> dict[str, np.ndarray]:
-        return {k: v.numpy().copy() for k, v in state.values.items()}
+        """Host copies of every past_* tensor (K/V and the current recurrent half), by past name."""
+        return {k: np.array(v.numpy(), copy=True) for k, v in state.values.items()}
 
-    def state_from_numpy(self, arrays: dict[str, np.ndarray], past_len: int) -> State:
-        batch = next(iter(arrays.values())).shape[0]
-        st = self.new_state(batch)
+    def state_from_numpy(self, arrays: dict[str, np.ndarray], past_len: int,
+                         pads: np.ndarray | None = None) -> State:
+        """A device state holding copies of `arrays` (by past name), as `state_to_numpy` returns them."""
+        missing = [s.past_name for s in self.specs if s.past_name not in arrays]
+        if missing:
+            raise RuntimeError_(f"state arrays lack {missing[:3]}: they were not taken from this model")
+        batch = int(np.asarray(arrays[self.specs[0].past_name]).shape[0])
+        kv, live, spare = {}, {}, {}
         for s in self.specs:
-            a = np.ascontiguousarray(arrays[s.past_name], dtype=np.float32)
+            a = np.asarray(arrays[s.past_name])
+            want = s.concrete_shape(batch, past_len)
+            if a.shape != want:
+                raise RuntimeError_(f"state tensor {s.past_name} has shape {a.shape}, this model needs {want} "
+                                    f"(batch {batch}, past length {past_len}): it was taken from another model")
             if s.kind in ("key", "value"):
-                st.values[s.past_name] = self.ort.OrtValue.ortvalue_from_numpy(a.copy(), self.device, self._device_id)
+                kv[s.past_name] = self._from_numpy(s.past_name, a)
             else:
-                st.values[s.past_name].update_inplace(a)
-        st.past_len = past_len
+                live[s.past_name] = self._from_numpy(s.past_name, a)
+                spare[s.past_name] = self._alloc(s.past_name, a.shape)
+        st = State(batch, kv, (live, spare), past_len)
+        st._io = _Bindings(self, st)
+        if pads is not None:
+            st.pads = np.asarray(pads, np.int64).copy()
         return st
 
     # ------------------------------------------------------------------- step
+    def _logits_buffer(self, st: State, kept: int) -> tuple[Any, np.ndarray | None]:
+        assert st._io is not None
+        buf = st._io.logits.get(kept)
+        if buf is None:
+            ov = self.raw.alloc([st.batch, kept, self.vocab_size], np.float32)
+            # on CPU .numpy() is a view of the buffer ONNX Runtime writes; under CUDA it is a copy per call
+            buf = (ov, ov.numpy() if self.device == "cpu" else None)
+            if kept == 1:  # the decode shape is kept for the whole generation; prefill chunks are not
+                st._io.logits[kept] = buf
+        return buf
+
+    def _bind(self, binding: Any, bound: dict[str, Any], name: str, value: Any, output: bool = False) -> None:
+        """Bind unless `value` is what is bound already; `bound` also keeps bound arrays alive."""
+        if bound.get(name) is value:
+            return
+        (self.raw.bind_output if output else self.raw.bind_input)(binding, name, value)
+        bound[name] = value
+
+    def _run(self, st: State, ids: np.ndarray, mask: np.ndarray) -> tuple[Any, np.ndarray | None]:
+        """Bind and run one step over ids [B, T] (mask [B, past+T]); advances `st` in place."""
+        assert st._io is not None
+        t = ids.shape[1]
+        binding = st._io.pair[st.parity]
+        bound = st._io.bound[st.parity]
+        raw = self.raw
+        self._bind(binding, bound, io.INPUT_IDS, ids)
+        raw.bind_input(binding, io.ATTENTION_MASK, mask)  # its shape changes every step: always rebind
+        bound[io.ATTENTION_MASK] = mask
+        kept = t if self.logits_mode == "all" else 1
+        logits_ov, host = self._logits_buffer(st, kept)
+        self._bind(binding, bound, io.LOGITS, logits_ov, output=True)
+        total = st.past_len + t
+        shape = [st.batch, self._kv_dims[0], total, self._kv_dims[1]]
+        new_kv = {}
+        for s in self.kv_specs:
+            raw.bind_input(binding, s.past_name, st.kv[s.past_name])
+            out = raw.alloc(shape, self.dtypes[s.past_name])
+            raw.bind_output(binding, s.present_name, out)
+            new_kv[s.past_name] = out
+        t0 = time.perf_counter()
+        try:
+            raw.run(binding)
+        except Exception as e:  # ORT's own exception types; the state is unchanged
+            raise RuntimeError_(f"ONNX Runtime failed on a step of {st.batch}×{t} tokens after {st.past_len}: {e}") from e
+        st.run_s += time.perf_counter() - t0
+        st.runs += 1
+        st.kv = new_kv
+        st.parity ^= 1
+        st.past_len = total
+        return logits_ov, host
+
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, state: State, *,
-             logits_to_host: bool = True) -> tuple[Any, State]:
+             logits_to_host: bool = True, copy: bool = True) -> tuple[Any, State]:
         """One forward pass over input_ids [B, T] with attention_mask [B, past+T].
 
-        Returns (logits, state'): logits as numpy [B, kept, V] (or the OrtValue when logits_to_host is
-        False). `state` is consumed: its ping-pong buffers now belong to the returned state.
+        Returns (logits [B, kept, V], state'): numpy by default (a copy; `copy=False` returns the reused
+        buffer's view, valid until the next step of this state), or the OrtValue with logits_to_host=False.
+        `state` is consumed: it is advanced in place and returned.
         """
         b, t = input_ids.shape
+        if b != state.batch:
+            raise RuntimeError_(f"input_ids has batch {b}, the state holds {state.batch} rows")
         if attention_mask.shape != (b, state.past_len + t):
             raise RuntimeError_(f"attention_mask has shape {attention_mask.shape}, expected {(b, state.past_len + t)}")
-        binding = self.sess.io_binding()
-        binding.bind_cpu_input(io.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input(io.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
-        for name, v in state.values.items():
-            binding.bind_ortvalue_input(name, v)
-        binding.bind_output(io.LOGITS, self.device, self._device_id)
-        out_names = [io.LOGITS]
-        for s in self.specs:
-            if s.past_name in state.spare:
-                binding.bind_ortvalue_output(s.present_name, state.spare[s.past_name])
-            else:
-                binding.bind_output(s.present_name, self.device, self._device_id)
-            out_names.append(s.present_name)
-        self.sess.run_with_iobinding(binding)
-        outs = binding.get_outputs()
-        new_values, new_spare = {}, {}
-        for s, v in zip(self.specs, outs[1:]):
-            if s.past_name in state.spare:
-                new_values[s.past_name] = state.spare[s.past_name]
-                new_spare[s.past_name] = state.values[s.past_name]
-            else:
-                new_values[s.past_name] = v
-        new_state = State(b, new_values, state.past_len + t, new_spare)
-        logits = outs[0].numpy() if logits_to_host else outs[0]
-        return logits, new_state
+        if state._io is None:
+            state._io = _Bindings(self, state)
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if ids is input_ids:
+            ids = ids.copy()  # bound by reference and kept bound: the caller may change its array
+        ov, host = self._run(state, ids, np.ascontiguousarray(attention_mask, dtype=np.int64))
+        if not logits_to_host:
+            return ov, state
+        out = host if host is not None else ov.numpy()
+        return (out.copy() if copy and host is not None else out), state
+
+    def decode(self, next_ids: np.ndarray, state: State) -> np.ndarray:
+        """One decode step: next_ids [B] (all rows real) → last logits [B, V].
+
+        The hot loop: the ids go into the bound [B, 1] buffer, the mask is a view of a reused buffer, and
+        on CPU the logits are a view of the bound output (valid until this state's next step).
+        """
+        io_ = state._io
+        assert io_ is not None
+        io_.ids[:, 0] = next_ids
+        ov, host = self._run(state, io_.ids, io_.mask.view(state.pads, state.past_len + 1))
+        return (host if host is not None else ov.numpy())[:, -1, :]
 
     def run_raw(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Plain `InferenceSession.run` with every output by name (validation)."""

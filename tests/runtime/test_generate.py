@@ -25,11 +25,11 @@ def test_teacher_forced_decode_equals_full_forward(model: Model) -> None:
     ids = _prompts(1, [40], model.cfg.vocab_size)[0]
     st = model.session.new_state(1)
     full, _ = model.session.step(np.array([ids]), np.ones((1, 40), np.int64), st)
-    logits, st, mask = model.prefill([ids[:24]])
+    logits, st = model.prefill([ids[:24]])
     got = [logits]
     for t in ids[24:-1]:
-        logits, st, mask = model.decode_step(np.array([t]), st, mask)
-        got.append(logits)
+        logits, st = model.decode_step(np.array([t]), st)
+        got.append(logits.copy())  # decode_step returns a view of the reused logits buffer
     got_a = np.stack(got, axis=1)[0]
     ref = full[0, 23:-1]
     diff = float(np.abs(got_a - ref).max())
@@ -40,8 +40,8 @@ def test_teacher_forced_decode_equals_full_forward(model: Model) -> None:
 @pytest.mark.parametrize("chunk", [1, 7, 16, None])
 def test_chunked_prefill_equals_one_shot(model: Model, chunk: int | None) -> None:
     ids = _prompts(1, [37], model.cfg.vocab_size, seed=1)[0]
-    ref, st_ref, _ = model.prefill([ids])
-    got, st, _ = model.prefill([ids], chunk_size=chunk)
+    ref, st_ref = model.prefill([ids])
+    got, st = model.prefill([ids], chunk_size=chunk)
     diff = float(np.abs(ref - got).max())
     sd = {k: float(np.abs(v - model.session.state_to_numpy(st)[k]).max())
           for k, v in model.session.state_to_numpy(st_ref).items()}
