@@ -10,6 +10,9 @@ What the contrib op needs (probed against a numpy oracle on ORT 1.32 CPU):
   length and the padding keys are removed by an additive `attention_bias` [B, 1, T, P+T] (0 for real
   tokens, the dtype's lowest value for padding — the same "min" the portable kernel uses). The bias
   must have T rows; the CPU kernel refuses a broadcast [B, 1, 1, P+T] when T > 1.
+  Cost: the bias is B·T·(P+T) elements, built once per step and shared by every attention layer
+  (T is read from `input_ids`, so cleanup merges the per-layer copies): trivial in decode, 64 MB per row for a 512-token chunk at
+  32k context — still H_q times smaller than the portable kernel's score matrix.
 * `query_seqlens` = T for every row: without it the kernel refuses batch > 1 with T > 1 and P > 0
   ("batch_size must be 1 when sequence_length > 1 and past context is given"), i.e. chunked prefill.
 
@@ -27,6 +30,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from granite_onnx.export import io
 from granite_onnx.export.fusions._common import (
     ORT_DOMAIN,
     PORTABLE_DOMAIN,
@@ -38,6 +42,12 @@ from granite_onnx.export.fusions._common import (
 )
 
 _INT_MASK_TYPES = (ir.DataType.INT64, ir.DataType.INT32)
+
+
+def _graph_input(value: ir.Value, name: str) -> ir.Value | None:
+    """The main-graph input called `name`, found from `value`'s graph, or None."""
+    graph = value.graph if value.graph is not None else (value.producer().graph if value.producer() else None)
+    return next((v for v in graph.inputs if v.name == name), None) if graph is not None else None
 
 
 def _heads(q: ir.Value, k: ir.Value, v: ir.Value, past_key: ir.Value, past_value: ir.Value, out: ir.Value,
@@ -100,7 +110,10 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         batch = s.Shape(mask, start=0, end=1, _what="batch")  # [1] int64
         total = s.Shape(mask, start=1, end=2, _what="total")  # P + T
         query = packed(q, hq, "query")
-        new = s.Shape(query, start=1, end=2, _what="new")  # T, read after packing so q's transposes cancel
+        # T from the graph's input_ids when there is one, so that every attention layer builds the same
+        # bias (cleanup then keeps one); else from the packed query (not q, so q's transposes cancel)
+        ids = _graph_input(mask, io.INPUT_IDS)
+        new = s.Shape(ids if ids is not None else query, start=1, end=2, _what="new")  # T
         i32 = ir.DataType.INT32
         # Every row holds P+T cache rows (left padding included): the bias, not seqlens, hides padding.
         seqlens_k = s.Cast(s.Expand(s.Sub(total, s.ints([1])), batch, _what="seqlens_k"), to=i32, _what="seqlens_k")

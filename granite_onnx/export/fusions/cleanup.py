@@ -30,16 +30,19 @@ FOLD_SIZE_LIMIT = 8192
 
 
 @contextlib.contextmanager
-def _quiet(name: str) -> Iterator[None]:
-    """Quiet onnx_ir's passes below WARNING: at INFO they log every de-duplicated constant, and every
-    contrib op they have no schema for with a stack trace — all expected here."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
+def _quiet(*names: str) -> Iterator[None]:
+    """Quiet the optimizer passes below WARNING: at INFO they log every de-duplicated constant, every
+    contrib op they have no schema for (with a stack trace) and every graph output they keep — all
+    expected here."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.level, logging.WARNING))
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def cleanup(model: ir.Model, *, size_limit: int = FOLD_SIZE_LIMIT, iterations: int = 2) -> int:
@@ -67,7 +70,7 @@ def cleanup(model: ir.Model, *, size_limit: int = FOLD_SIZE_LIMIT, iterations: i
         common.RemoveUnusedNodesPass(),
         common.NameFixPass(),
     )
-    with _quiet("onnx_ir.passes"):
+    with _quiet("onnx_ir.passes", "onnxscript.optimizer", "onnxscript.rewriter"):
         passes(model)
     after = sum(1 for _ in model.graph.all_nodes()) + len(model.functions)
     return before - after
