@@ -52,18 +52,34 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, help="override the preset's layer count (keeps its widths)")
 
 
+def _add_weight_format(p: argparse.ArgumentParser, precision_default: str | None) -> None:
+    from granite_onnx.export.precision import PRECISIONS, QUANTS
+
+    p.add_argument("--precision", choices=PRECISIONS, default=precision_default,
+                   help="compute dtype: fp32 (default), fp16 (meant for CUDA; runs on CPU, not faster), bf16 (CUDA only)"
+                   if precision_default else "must match the folder's precision (changing it needs a re-export)")
+    p.add_argument("--quant", choices=QUANTS, default="none",
+                   help="weight-only quantization: int8/int4 block-wise (fast on CPU), fp8 (CUDA, needs fp16/bf16)")
+    p.add_argument("--block-size", type=int, default=0,
+                   help="quantization block along the input features: a power of two ≥ 16 dividing the widths "
+                   "(default 32; 128 for fp8)")
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from granite_onnx.export.exporter import ExportOptions, export
 
     opts = ExportOptions(logits=a.logits, optimize=a.optimize, overwrite=a.overwrite,
-                         parity_check=not a.no_parity_check)
+                         parity_check=not a.no_parity_check, precision=a.precision, quant=a.quant,
+                         block_size=a.block_size)
     report = export(model=a.model, preset_name=a.preset, seed=a.seed, layers=a.layers, out=a.out, options=opts,
                     progress=lambda s: print(f"[export] {s}", file=sys.stderr, flush=True))
     if a.json:
         print(json.dumps(report, indent=2))
     else:
         par = report.get("parity", {})
-        print(f"exported to {a.out}: {report['num_parameters'] / 1e6:.1f}M parameters, graph {report['graph']}, "
+        w = report.get("weights", {})
+        fmt = w.get("precision", "fp32") + ("" if w.get("quant", "none") == "none" else f" {w['quant']}")
+        print(f"exported to {a.out}: {report['num_parameters'] / 1e6:.1f}M parameters, {fmt}, graph {report['graph']}, "
               f"{report['size_bytes'] / 2**20:.1f} MiB, {report['timings_s']['total_s']:.1f} s, "
               f"peak RSS {report['peak_rss_mb']:.0f} MB"
               + (f", parity max |Δ| {par['worst']:.2e}" if "worst" in par else ""))
@@ -73,7 +89,13 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_optimize(a: argparse.Namespace) -> int:
     from granite_onnx.export.optimize import optimize_folder
 
-    report = optimize_folder(a.input, a.output, overwrite=a.overwrite)
+    if a.precision is not None or a.quant != "none":
+        from granite_onnx.export.quantize import optimize_with_format
+
+        report = optimize_with_format(a.input, a.output, precision=a.precision, quant=a.quant,
+                                      block_size=a.block_size, overwrite=a.overwrite)
+    else:
+        report = optimize_folder(a.input, a.output, overwrite=a.overwrite)
     print(json.dumps(report, indent=2) if a.json else f"fused {a.input} → {a.output}: {report['fusion_counts']}")
     return 0
 
@@ -196,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     grp.add_argument("--portable", dest="optimize", action="store_false",
                      help="keep the standard-op graph (default)")
     e.add_argument("--no-parity-check", action="store_true", help="skip the short in-export parity check")
+    _add_weight_format(e, precision_default="fp32")
     e.add_argument("--json", action="store_true", help="print the export report as JSON")
     e.set_defaults(fn=cmd_export)
 
@@ -204,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("output")
     o.add_argument("--overwrite", action="store_true")
     o.add_argument("--json", action="store_true")
+    _add_weight_format(o, precision_default=None)
     o.set_defaults(fn=cmd_optimize)
 
     g = sub.add_parser("generate", help="generate from a model folder")

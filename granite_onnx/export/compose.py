@@ -4,6 +4,10 @@ embed → layers[i] (template of its kind, bound to layer i's weights) → final
 graph with the inputs/outputs of the state contract (export/io.py). Weights are written to
 `model.onnx.data` one layer at a time: peak memory is about one layer, not the model.
 
+A `WeightFormat` (export/precision.py) sets the compute dtype the layers are traced in and how the big
+weights are stored: with `--quant`, each layer's nodes and float weights go through
+`quantize.Quantizer` before its tensors are written, so quantization is streamed too.
+
 Node names are hierarchical and greppable: `/model/layers.3/mamba/MatMul_2`, values likewise, weights
 `model.layers.3.mamba.in_proj`.
 """
@@ -22,6 +26,8 @@ import onnx_ir as ir
 from onnx import TensorProto, helper
 
 from granite_onnx.export import io
+from granite_onnx.export.precision import WeightFormat
+from granite_onnx.export.quantize import EMBED, LM_HEAD, ORT_DOMAIN, Quantizer, np_dtype
 from granite_onnx.export.trace import OPSET, WEIGHT_PREFIX, LayerTemplate, trace_kernel, trace_layer
 from granite_onnx.models import kernels
 from granite_onnx.models.config import ATTENTION, HybridConfig
@@ -75,6 +81,7 @@ class _Builder:
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
+        self.value_info: dict[str, onnx.ValueInfoProto] = {}  # traced types/shapes, by (renamed) value name
         self._n = 0
 
     def node(self, op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "",
@@ -102,6 +109,7 @@ def _instantiate(b: _Builder, tpl_proto: onnx.GraphProto, tpl: LayerTemplate, i:
         c.name = new
         b.inits.append(c)
     rename.update(bind_outputs)
+    traced_info = {v.name: v for v in tpl_proto.value_info}
     counts: dict[str, int] = {}
     for n in tpl_proto.node:
         scope = ""
@@ -120,45 +128,77 @@ def _instantiate(b: _Builder, tpl_proto: onnx.GraphProto, tpl: LayerTemplate, i:
             m.input[j] = rename.setdefault(x, f"{prefix}/{x}")
         for j, y in enumerate(m.output):
             m.output[j] = rename.setdefault(y, f"{prefix}/{y}")
+            if y in traced_info:
+                vi = onnx.ValueInfoProto()
+                vi.CopyFrom(traced_info[y])
+                vi.name = m.output[j]
+                b.value_info[vi.name] = vi
         b.nodes.append(m)
 
+def _torch_dtype(fmt: WeightFormat) -> Any:
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[fmt.precision]
+
+
 def compose(cfg: HybridConfig, src: WeightSource, data_path: Path, *, logits: str = "last",
-            progress: Callable[[str], None] | None = None) -> ComposeResult:
-    """Build the portable graph; stream every weight into `data_path`. `logits`: 'last' or 'all'."""
+            progress: Callable[[str], None] | None = None, fmt: WeightFormat | None = None) -> ComposeResult:
+    """Build the graph; stream every weight into `data_path`. `logits`: 'last' or 'all'.
+
+    `fmt` (default fp32, no quantization) sets the compute dtype and the weight storage.
+    """
     if logits not in ("last", "all"):
         raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
+    fmt = fmt or WeightFormat()
     say = progress or (lambda s: log.info(s))
     res = ComposeResult(model=onnx.ModelProto())
+    dtype = np_dtype(fmt)
+    onnx_dtype = helper.np_dtype_to_tensor_dtype(dtype)
+    quant = Quantizer(fmt)
+    quantized = fmt.quant != "none"
     t0 = time.perf_counter()
     templates: dict[str, LayerTemplate] = {}
     protos: dict[str, onnx.GraphProto] = {}
     for kind in dict.fromkeys(cfg.layer_types):
         t = time.perf_counter()
-        say(f"tracing the {kind} layer")
-        tpl = trace_layer(cfg, kind)
+        say(f"tracing the {kind} layer" + ("" if fmt.precision == "fp32" else f" in {fmt.precision}"))
+        tpl = trace_layer(cfg, kind, _torch_dtype(fmt))
         templates[kind] = tpl
         protos[kind] = ir.serde.serialize_graph(tpl.graph)
         res.timings[f"trace_{kind}_s"] = time.perf_counter() - t
     res.traced_kinds = list(templates)
-    # One function per kernel the templates call.
-    functions: dict[str, onnx.FunctionProto] = {}
+    kernel_attrs: dict[str, dict[str, Any]] = {}
     for tpl in templates.values():
         for n in tpl.graph:
-            if n.domain == kernels.DOMAIN and n.op_type not in functions:
-                t = time.perf_counter()
-                attrs = {k: a.value for k, a in n.attributes.items()}
-                say(f"tracing the {n.op_type} kernel")
-                functions[n.op_type] = ir.serde.serialize_function(trace_kernel(cfg, n.op_type, attrs))
-                res.timings[f"trace_kernel_{n.op_type}_s"] = time.perf_counter() - t
+            if n.domain == kernels.DOMAIN:
+                kernel_attrs.setdefault(n.op_type, {k: a.value for k, a in n.attributes.items()})
+
+    def write(name: str, array: np.ndarray) -> None:
+        b.inits.append(w.add(name, array))
 
     b = _Builder()
     w = ExternalDataWriter(data_path)
     try:
-        # --- embedding
-        b.inits.append(w.add("model.embed_tokens.weight", src.embed().numpy().astype(np.float32)))
-        emb = b.node("Gather", ["model.embed_tokens.weight", io.INPUT_IDS], ["/model/embed/gather"],
-                     "/model/embed/Gather")
-        h = b.node("Mul", [emb, b.const("/model/embed/multiplier", cfg.embedding_multiplier, np.float32)],
+        # --- embedding (tied to the LM head unless the source has its own head)
+        embed = src.embed().numpy()
+        head = src.lm_head()
+        shared = quantized and fmt.quant != "fp8" and fmt.embedding == "shared" and head is None
+        head_q = quantized and fmt.quant != "fp8" and fmt.embedding != "float"
+        qt: dict[str, np.ndarray] = {}
+        if shared:
+            quant.embedding(embed, qt)
+            for name, arr in qt.items():
+                write(name, arr)
+            b.node("GatherBlockQuantized", [f"{EMBED}.qweight", io.INPUT_IDS, f"{EMBED}.gather_scales"],
+                   ["/model/embed/gather_blocks"], "/model/embed/GatherBlockQuantized", domain=ORT_DOMAIN,
+                   gather_axis=0, quantize_axis=2, block_size=fmt.block_size, bits=fmt.bits)
+            # [B, T, D/bs, bs] → [B, T, D]
+            emb = b.node("Reshape", ["/model/embed/gather_blocks", b.const("/model/embed/shape", [0, 0, cfg.hidden_size])],
+                         ["/model/embed/gather"], "/model/embed/Reshape")
+        else:
+            write(EMBED, embed.astype(dtype))
+            emb = b.node("Gather", [EMBED, io.INPUT_IDS], ["/model/embed/gather"], "/model/embed/Gather")
+        h = b.node("Mul", [emb, b.const("/model/embed/multiplier", cfg.embedding_multiplier, dtype)],
                    ["/model/embed/output"], "/model/embed/Mul")
         # --- per-step masks shared by all layers
         b.node("Shape", [io.INPUT_IDS], ["/model/seq_len"], "/model/mask/Shape", start=1, end=2)
@@ -178,10 +218,7 @@ def compose(cfg: HybridConfig, src: WeightSource, data_path: Path, *, logits: st
         # --- layers
         for i, kind in enumerate(cfg.layer_types):
             t = time.perf_counter()
-            weights = src.layer(i)
-            for name, tensor in weights.items():
-                b.inits.append(w.add(f"model.layers.{i}.{name}", tensor.numpy().astype(np.float32)))
-            del weights
+            weights = {f"model.layers.{i}.{name}": tensor.numpy() for name, tensor in src.layer(i).items()}
             tpl = templates[kind]
             out = f"/model/layers.{i}/output"
             if kind == ATTENTION:
@@ -193,53 +230,99 @@ def compose(cfg: HybridConfig, src: WeightSource, data_path: Path, *, logits: st
                        "recurrent_state": io.PAST_RECURRENT % i}
                 outs = {"hidden_out": out, "present_conv_state": io.PRESENT_CONV % i,
                         "present_recurrent_state": io.PRESENT_RECURRENT % i}
+            start = len(b.nodes)
             _instantiate(b, protos[kind], tpl, i, ins, outs)
+            consumed: set[str] = set()
+            if quantized:
+                getters = {name: (lambda a=a: a) for name, a in weights.items()}
+                b.nodes[start:], qt, consumed = quant.rewrite(b.nodes[start:], getters)
+                for name, arr in qt.items():
+                    write(name, arr)
+                del qt
+            for name, arr in weights.items():
+                if name not in consumed:
+                    write(name, arr.astype(dtype))
+            del weights
             h = out
             res.timings[f"layer_{i}_s"] = time.perf_counter() - t
             say(f"layer {i + 1}/{cfg.num_layers} ({kind}) written")
         # --- final norm and LM head
-        b.inits.append(w.add("model.norm.weight", src.final_norm().numpy().astype(np.float32)))
+        write("model.norm.weight", src.final_norm().numpy().astype(dtype))
         if logits == "last":
             b.node("Slice", [h, b.const("/model/last/start", [-1]), big, one], ["/model/last/output"],
                    "/model/last/Slice")
             h = "/model/last/output"
         b.node("RMSNormalization", [h, "model.norm.weight"], ["/model/norm/output"], "/model/norm/RMSNormalization",
                epsilon=cfg.rms_norm_eps, axis=-1)
-        head = src.lm_head()
-        if head is None:
-            head_name = "model.embed_tokens.weight"
+        if head_q:
+            if shared:
+                head_name = EMBED
+            else:
+                head_name = LM_HEAD
+                qt = {}
+                quant.head(embed if head is None else head.numpy(), head_name, qt)
+                for name, arr in qt.items():
+                    write(name, arr)
+            b.nodes.append(quant.quantized_head_node("/model/norm/output", "/model/head/logits", head_name,
+                                                     cfg.hidden_size, cfg.vocab_size, "/model/lm_head/MatMulNBits"))
         else:
-            head_name = "lm_head.weight"
-            b.inits.append(w.add(head_name, head.numpy().astype(np.float32)))
-        b.node("Shape", ["/model/norm/output"], ["/model/head/lead"], "/model/head/Shape", start=0, end=2)
-        b.node("Reshape", ["/model/norm/output", b.const("/model/head/flat", [-1, cfg.hidden_size])],
-               ["/model/head/flat_in"], "/model/head/Reshape")
-        b.node("Gemm", ["/model/head/flat_in", head_name], ["/model/head/gemm"], "/model/lm_head/Gemm", transB=1)
-        b.node("Concat", ["/model/head/lead", b.const("/model/head/vocab", [cfg.vocab_size])],
-               ["/model/head/shape"], "/model/head/Concat", axis=0)
-        b.node("Reshape", ["/model/head/gemm", "/model/head/shape"], ["/model/head/logits"], "/model/head/Reshape_1")
-        b.node("Div", ["/model/head/logits", b.const("/model/head/scaling", cfg.logits_scaling, np.float32)],
+            if head is None:
+                head_name = EMBED
+            else:
+                head_name = LM_HEAD
+                write(head_name, head.numpy().astype(dtype))
+            b.node("Shape", ["/model/norm/output"], ["/model/head/lead"], "/model/head/Shape", start=0, end=2)
+            b.node("Reshape", ["/model/norm/output", b.const("/model/head/flat", [-1, cfg.hidden_size])],
+                   ["/model/head/flat_in"], "/model/head/Reshape")
+            b.node("Gemm", ["/model/head/flat_in", head_name], ["/model/head/gemm"], "/model/lm_head/Gemm", transB=1)
+            b.node("Concat", ["/model/head/lead", b.const("/model/head/vocab", [cfg.vocab_size])],
+                   ["/model/head/shape"], "/model/head/Concat", axis=0)
+            b.node("Reshape", ["/model/head/gemm", "/model/head/shape"], ["/model/head/logits"], "/model/head/Reshape_1")
+        del embed
+        scores = "/model/head/logits"
+        if fmt.precision != "fp32":  # logits are float32 at every precision (the state contract)
+            scores = b.node("Cast", [scores], ["/model/head/logits_f32"], "/model/head/Cast", to=TensorProto.FLOAT)
+        b.node("Div", [scores, b.const("/model/head/scaling", cfg.logits_scaling, np.float32)],
                [io.LOGITS], "/model/lm_head/Div")
     finally:
         w.close()
+
+    # One function per kernel that is still called (quantization replaces the MoE calls with QMoE).
+    functions: dict[str, onnx.FunctionProto] = {}
+    for name in dict.fromkeys(n.op_type for n in b.nodes if n.domain == kernels.DOMAIN):
+        t = time.perf_counter()
+        say(f"tracing the {name} kernel")
+        functions[name] = ir.serde.serialize_function(trace_kernel(cfg, name, kernel_attrs[name], _torch_dtype(fmt)))
+        res.timings[f"trace_kernel_{name}_s"] = time.perf_counter() - t
 
     # --- graph I/O
     def vi(name: str, dtype: int, shape: tuple[Any, ...]) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(name, dtype, list(shape))
 
+    def state_type(s: io.StateSpec) -> int:
+        return TensorProto.FLOAT if s.float32_always else onnx_dtype
+
     inputs = [vi(io.INPUT_IDS, TensorProto.INT64, (io.BATCH, io.SEQUENCE)),
               vi(io.ATTENTION_MASK, TensorProto.INT64, (io.BATCH, io.TOTAL_SEQUENCE))]
-    inputs += [vi(s.past_name, TensorProto.FLOAT, s.shape) for s in io.state_specs(cfg)]
+    inputs += [vi(s.past_name, state_type(s), s.shape) for s in io.state_specs(cfg)]
     kept = 1 if logits == "last" else io.SEQUENCE
     outputs = [vi(io.LOGITS, TensorProto.FLOAT, (io.BATCH, kept, cfg.vocab_size))]
-    outputs += [vi(s.present_name, TensorProto.FLOAT, s.shape) for s in io.state_specs(cfg, present=True)]
-    graph = helper.make_graph(b.nodes, "granite_hybrid", inputs, outputs, initializer=b.inits)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(kernels.DOMAIN, 1)],
-        producer_name="granite-onnx", functions=list(functions.values()),
-    )
+    outputs += [vi(s.present_name, state_type(s), s.shape) for s in io.state_specs(cfg, present=True)]
+    # ONNX shape inference knows no contrib op: give the outputs of those we emit their traced type and
+    # shape, so that inference (and the fusions' checks, which read static dims) continues past them.
+    b.value_info["/model/embed/gather"] = vi("/model/embed/gather", onnx_dtype,
+                                             (io.BATCH, io.SEQUENCE, cfg.hidden_size))
+    b.value_info["/model/head/logits"] = vi("/model/head/logits", onnx_dtype, (io.BATCH, kept, cfg.vocab_size))
+    io_names = {v.name for v in inputs + outputs}
+    typed = {y for n in b.nodes if n.domain == ORT_DOMAIN for y in n.output} | {"/model/embed/gather"}
+    value_info = [v for name, v in b.value_info.items() if name in typed and name not in io_names]
+    graph = helper.make_graph(b.nodes, "granite_hybrid", inputs, outputs, initializer=b.inits, value_info=value_info)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(kernels.DOMAIN, 1)]
+    if any(n.domain == ORT_DOMAIN for n in b.nodes):
+        opsets.append(helper.make_opsetid(ORT_DOMAIN, 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="granite-onnx",
+                              functions=list(functions.values()))
     model.ir_version = 11
     res.model = model
     res.timings["compose_s"] = time.perf_counter() - t0
     return res
-

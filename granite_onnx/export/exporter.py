@@ -3,6 +3,9 @@
 The folder holds: model.onnx + model.onnx.data, genai_config.json (onnxruntime-genai's layout plus layer
 types), granite_config.json (our config, read by the runtime), the tokenizer files when the source has
 them, and export_report.json (versions, config, op histogram, timings, peak memory, parity summary).
+`ExportOptions.precision/quant/block_size` choose the weight format (export/precision.py); it is
+checked against the model before anything is written, and recorded in granite_config.json ("weights")
+and the report.
 
 Everything is written into a hidden sibling folder that is renamed into place only when complete, so a
 crash or a full disk never leaves a half-written model that loads.
@@ -26,6 +29,7 @@ import onnx
 
 from granite_onnx.export import io
 from granite_onnx.export.compose import DATA_FILE, compose
+from granite_onnx.export.precision import FormatError, WeightFormat, cpu_note, needs_cuda
 from granite_onnx.models.config import HybridConfig
 from granite_onnx.models.weights import HFWeights, RandomWeights, WeightSource
 
@@ -49,6 +53,19 @@ class ExportOptions:
     optimize: bool = False  # fuse into ONNX Runtime kernels (export/fusions)
     overwrite: bool = False
     parity_check: bool = True  # a short ORT-vs-torch check recorded in the report (small models only)
+    precision: str = "fp32"  # compute dtype: fp32 | fp16 | bf16 (export/precision.py)
+    quant: str = "none"  # weight storage: none | int8 | int4 | fp8
+    block_size: int = 0  # quantization block along the input features (0: the quant's default)
+    embedding: str = "shared"  # tied embedding/LM head when quantized: shared | head | float
+    accuracy_level: int | None = None  # MatMulNBits/QMoE accuracy_level (None: the measured default)
+
+    def weight_format(self) -> WeightFormat:
+        """The validated WeightFormat; ExportError (saying how to fix it) for a bad combination."""
+        try:
+            return WeightFormat(precision=self.precision, quant=self.quant, block_size=self.block_size,
+                                embedding=self.embedding, accuracy_level=self.accuracy_level)
+        except FormatError as e:
+            raise ExportError(str(e)) from None
 
 
 def peak_rss_mb() -> float:
@@ -135,7 +152,11 @@ def _check_disk(parent: Path, need: int) -> None:
 
 
 def _parity(folder: Path, src: WeightSource, logits: str) -> dict[str, Any]:
-    """ORT on the written folder vs our torch modules on a short prefill + one decode step."""
+    """ORT on the written folder vs our torch modules (float32) on a short prefill.
+
+    For a reduced-precision or quantized folder the differences measure that format's error, not a
+    bug: `granite-onnx validate --reference` reports its accuracy (top-1, KL, perplexity).
+    """
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -146,21 +167,23 @@ def _parity(folder: Path, src: WeightSource, logits: str) -> dict[str, Any]:
     model = load_torch_model(src)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
     sess = ort.InferenceSession(str(folder / MODEL_FILE), so, providers=["CPUExecutionProvider"])
+    dtypes = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in sess.get_inputs()}
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (1, 9))
     mask = np.ones_like(ids)
     feeds: dict[str, Any] = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask}
     for s in io.state_specs(cfg):
-        feeds[s.past_name] = np.zeros(s.concrete_shape(1, 0), np.float32)
+        feeds[s.past_name] = np.zeros(s.concrete_shape(1, 0), dtypes[s.past_name])
     outs = sess.run(None, feeds)
     with torch.no_grad():
         ref, pres = model(torch.from_numpy(ids), torch.from_numpy(mask),
-                          [torch.from_numpy(feeds[s.past_name]) for s in io.state_specs(cfg)])
+                          [torch.zeros(s.concrete_shape(1, 0)) for s in io.state_specs(cfg)])
     ref = ref[:, -1:] if logits == "last" else ref
     diffs = {io.LOGITS: float(np.abs(outs[0] - ref.numpy()).max())}
     for name, o, r in zip(io.output_names(cfg)[1:], outs[1:], pres):
-        diffs[name] = float(np.abs(o - r.numpy()).max())
+        diffs[name] = float(np.abs(o.astype(np.float32) - r.numpy()).max())
     return {"max_abs_diff": diffs, "worst": max(diffs.values()), "tokens": int(ids.shape[1])}
 
 
@@ -170,6 +193,7 @@ def export(*, model: str | Path | None = None, preset_name: str | None = None, s
     """Export to `out` and return the export report (also written as export_report.json)."""
     opts = options or ExportOptions()
     say = progress or (lambda s: log.info(s))
+    fmt = opts.weight_format()
     out = Path(out)
     if out.exists() and not opts.overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
@@ -178,17 +202,29 @@ def export(*, model: str | Path | None = None, preset_name: str | None = None, s
     t0 = time.perf_counter()
     src = open_weights(model, preset_name, seed, layers)
     cfg = src.cfg
+    from granite_onnx.export.quantize import check_model, estimate_bytes
+
+    try:
+        check_model(cfg, fmt)  # before anything is written: a bad block size leaves no folder behind
+    except FormatError as e:
+        raise ExportError(str(e)) from None
     parent = out.parent if str(out.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    _check_disk(parent, int(cfg.num_parameters() * 4 * 1.05) + (64 << 20))
+    _check_disk(parent, int(estimate_bytes(cfg, fmt) * 1.05) + (64 << 20))
+    cuda_only = needs_cuda(fmt)
+    if cuda_only:
+        say(f"note: this model will need CUDA — {cuda_only}; it is written anyway, and the CPU runtime will "
+            "refuse it")
+    elif cpu_note(fmt):
+        say(f"note: {cpu_note(fmt)}")
     tmp = parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         say(f"exporting {cfg.name}: {cfg.num_layers} layers ({', '.join(cfg.layer_types)}), "
-            f"{cfg.num_parameters() / 1e6:.1f}M parameters")
-        res = compose(cfg, src, tmp / DATA_FILE, logits=opts.logits, progress=say)
+            f"{cfg.num_parameters() / 1e6:.1f}M parameters, weights {fmt.describe()}")
+        res = compose(cfg, src, tmp / DATA_FILE, logits=opts.logits, progress=say, fmt=fmt)
         onnx.save(res.model, str(tmp / MODEL_FILE))
         report: dict[str, Any] = {
             "source": str(model) if model is not None else {"preset": preset_name, "seed": seed, "layers": layers},
@@ -197,6 +233,8 @@ def export(*, model: str | Path | None = None, preset_name: str | None = None, s
             "num_parameters": cfg.num_parameters(),
             "logits": opts.logits,
             "graph": "portable",
+            "weights": fmt.to_json(),
+            "needs_cuda": cuda_only,
             "op_histogram": op_histogram(res.model),
             "timings_s": {k: round(v, 3) for k, v in res.timings.items()},
         }
@@ -220,7 +258,8 @@ def export(*, model: str | Path | None = None, preset_name: str | None = None, s
             report["op_histogram"] = op_histogram(onnx.load(str(tmp / MODEL_FILE), load_external_data=False))
             report["timings_s"]["fuse_s"] = round(time.perf_counter() - t, 3)
         (tmp / GRANITE_CONFIG).write_text(json.dumps({"config": cfg.to_json_dict(), "logits": opts.logits,
-                                                      "graph": report["graph"]}, indent=2))
+                                                      "graph": report["graph"], "weights": fmt.to_json()},
+                                                     indent=2))
         (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(cfg), indent=2))
         copied = []
         if model is not None:
@@ -229,7 +268,9 @@ def export(*, model: str | Path | None = None, preset_name: str | None = None, s
                     shutil.copy2(Path(model) / f, tmp / f)
                     copied.append(f)
         report["tokenizer_files"] = copied
-        if opts.parity_check and cfg.num_parameters() < 400e6:
+        if cuda_only:
+            report["parity"] = {"skipped": f"needs CUDA: {cuda_only}"}
+        elif opts.parity_check and cfg.num_parameters() < 400e6:
             say("checking parity (ONNX Runtime vs the torch layer modules)")
             report["parity"] = _parity(tmp, src, opts.logits)
         else:

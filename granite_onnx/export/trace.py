@@ -68,27 +68,28 @@ def _dim(name: str, min: int = 1) -> Any:  # noqa: A002
     return torch.export.Dim(name, min=min, max=1 << 20)
 
 
-def trace_layer(cfg: HybridConfig, kind: str) -> LayerTemplate:
+def trace_layer(cfg: HybridConfig, kind: str, dtype: torch.dtype = torch.float32) -> LayerTemplate:
     """Trace one decoder layer of `kind` with example shapes; return its graph template.
 
+    `dtype` is the model dtype (weights, activations, conv and K/V state); the SSM state stays float32.
     Traced on the meta device: weights are graph inputs, so no example weight is ever allocated and
     tracing a 600 MB MoE layer costs no more memory than a small one.
     """
     with torch.device("meta"):
-        return _trace_layer(cfg, kind)
+        return _trace_layer(cfg, kind, dtype)
 
 
-def _trace_layer(cfg: HybridConfig, kind: str) -> LayerTemplate:
+def _trace_layer(cfg: HybridConfig, kind: str, dtype: torch.dtype = torch.float32) -> LayerTemplate:
     layer = make_layer(cfg, kind).eval()
     names = [n for n, _ in layer.named_parameters()]
-    weights = tuple(torch.empty(p.shape) for _, p in layer.named_parameters())
+    weights = tuple(torch.empty(p.shape, dtype=dtype) for _, p in layer.named_parameters())
     b, t, past = 2, 5, 3
     batch, seq, pseq = _dim(io.BATCH), _dim(io.SEQUENCE), _dim(io.PAST_SEQUENCE, 0)
-    hidden = torch.randn(b, t, cfg.hidden_size)
+    hidden = torch.randn(b, t, cfg.hidden_size, dtype=dtype)
     if kind == ATTENTION:
         acts = (hidden, torch.ones(b, past + t, dtype=torch.int64), torch.arange(t).repeat(b, 1),
-                torch.randn(b, cfg.num_key_value_heads, past, cfg.head_dim),
-                torch.randn(b, cfg.num_key_value_heads, past, cfg.head_dim))
+                torch.randn(b, cfg.num_key_value_heads, past, cfg.head_dim, dtype=dtype),
+                torch.randn(b, cfg.num_key_value_heads, past, cfg.head_dim, dtype=dtype))
         act_names = ["hidden", io.ATTENTION_MASK, "position_ids", "past_key", "past_value"]
         out_names = ["hidden_out", "present_key", "present_value"]
         dyn: list[dict[int, Any] | None] = [
@@ -96,7 +97,7 @@ def _trace_layer(cfg: HybridConfig, kind: str) -> LayerTemplate:
             {0: batch, 2: pseq}, {0: batch, 2: pseq}]
     else:
         acts = (hidden, torch.ones(b, t),
-                torch.randn(b, cfg.conv_dim, cfg.mamba_d_conv - 1),
+                torch.randn(b, cfg.conv_dim, cfg.mamba_d_conv - 1, dtype=dtype),
                 torch.randn(b, cfg.mamba_n_heads, cfg.mamba_d_state, cfg.mamba_d_head))
         act_names = ["hidden", "mask", "conv_state", "recurrent_state"]
         out_names = ["hidden_out", "present_conv_state", "present_recurrent_state"]
@@ -107,28 +108,34 @@ def _trace_layer(cfg: HybridConfig, kind: str) -> LayerTemplate:
     return LayerTemplate(kind, model.graph, act_names, names, out_names)
 
 
-def _kernel_examples(cfg: HybridConfig, name: str) -> tuple[tuple[torch.Tensor, ...], list[str], list[str],
-                                                             list[dict[int, Any] | None]]:
+def _kernel_examples(cfg: HybridConfig, name: str, dtype: torch.dtype = torch.float32,
+                     ) -> tuple[tuple[torch.Tensor, ...], list[str], list[str], list[dict[int, Any] | None]]:
+    """Example inputs of kernel `name` with the dtypes the layer modules call it with (dtype = model dtype)."""
     b, t, p = 2, 5, 3
+    f32 = torch.float32
     batch, seq, pseq = _dim(io.BATCH), _dim(io.SEQUENCE), _dim(io.PAST_SEQUENCE, 0)
     if name == "CausalConv1d":
         c, k = cfg.conv_dim, cfg.mamba_d_conv
-        args = (torch.randn(b, c, t), torch.randn(b, c, k - 1), torch.randn(c, k), torch.randn(c))
+        args = (torch.randn(b, c, t, dtype=dtype), torch.randn(b, c, k - 1, dtype=dtype),
+                torch.randn(c, k, dtype=dtype), torch.randn(c, dtype=dtype))
         return args, ["x", "past", "weight", "bias"], ["y", "present"], [{0: batch, 2: seq}, {0: batch}, None, None]
     if name == "SSMScan":
         h, pd, g, n = cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_n_groups, cfg.mamba_d_state
-        args = (torch.randn(b, t, h, pd), torch.rand(b, t, h), -torch.rand(h), torch.randn(b, t, g, n),
-                torch.randn(b, t, g, n), torch.randn(b, h, n, pd))
+        args = (torch.randn(b, t, h, pd, dtype=dtype), torch.rand(b, t, h, dtype=f32), -torch.rand(h, dtype=f32),
+                torch.randn(b, t, g, n, dtype=dtype), torch.randn(b, t, g, n, dtype=dtype),
+                torch.randn(b, h, n, pd, dtype=f32))
         return (args, ["x", "dt", "A", "B", "C", "h0"], ["y", "h"],
                 [{0: batch, 1: seq}, {0: batch, 1: seq}, None, {0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch}])
     if name == "MoE":
         d, e, i = cfg.hidden_size, cfg.num_experts, cfg.intermediate_size
-        args = (torch.randn(b * t, d), torch.randn(d, e), torch.randn(e, d, 2 * i), torch.randn(e, i, d))
+        args = (torch.randn(b * t, d, dtype=dtype), torch.randn(d, e, dtype=dtype),
+                torch.randn(e, d, 2 * i, dtype=dtype), torch.randn(e, i, d, dtype=dtype))
         return args, ["x", "router", "gate_up", "down"], ["y"], [{0: _dim("tokens")}, None, None, None]
     if name == "Attention":
         hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        args = (torch.randn(b, hq, t, hd), torch.randn(b, hkv, t, hd), torch.randn(b, hkv, t, hd),
-                torch.randn(b, hkv, p, hd), torch.randn(b, hkv, p, hd), torch.ones(b, p + t, dtype=torch.int64))
+        args = (torch.randn(b, hq, t, hd, dtype=dtype), torch.randn(b, hkv, t, hd, dtype=dtype),
+                torch.randn(b, hkv, t, hd, dtype=dtype), torch.randn(b, hkv, p, hd, dtype=dtype),
+                torch.randn(b, hkv, p, hd, dtype=dtype), torch.ones(b, p + t, dtype=torch.int64))
         return (args, ["q", "k", "v", "past_key", "past_value", "mask"], ["out", "present_key", "present_value"],
                 [{0: batch, 2: seq}, {0: batch, 2: seq}, {0: batch, 2: seq}, {0: batch, 2: pseq},
                  {0: batch, 2: pseq}, {0: batch, 1: torch.export.Dim.AUTO}])
@@ -144,10 +151,12 @@ class _Kernel(torch.nn.Module):
         return self.fn(*args, **self.attrs)
 
 
-def trace_kernel(cfg: HybridConfig, name: str, attrs: dict[str, Any]) -> ir.Function:
-    """The ONNX function `granite_onnx.<name>` whose body computes kernels.<name> with `attrs` baked in."""
+def trace_kernel(cfg: HybridConfig, name: str, attrs: dict[str, Any], dtype: torch.dtype = torch.float32,
+                 ) -> ir.Function:
+    """The ONNX function `granite_onnx.<name>` whose body computes kernels.<name> with `attrs` baked in,
+    for inputs in model dtype `dtype` (the body's casts and constants are typed)."""
     with torch.device("meta"):  # example inputs carry shapes only
-        args, ins, outs, dyn = _kernel_examples(cfg, name)
+        args, ins, outs, dyn = _kernel_examples(cfg, name, dtype)
         model = _export(_Kernel(name, attrs), args, ins, outs, dyn)
     g = model.graph
     # A function has no initializers: turn the traced constants into Constant nodes.
