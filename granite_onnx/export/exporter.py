@@ -109,7 +109,10 @@ def genai_config(cfg: HybridConfig, *, context_length: int | None = None) -> dic
                 "num_attention_heads": cfg.num_attention_heads,
                 "num_key_value_heads": cfg.num_key_value_heads,
                 "num_hidden_layers": cfg.num_layers,
-                "layer_types": list(cfg.layer_types),
+                # onnxruntime-genai 0.18 treats a layer as attention only when its type is
+                # "full_attention" (HF's name since transformers 5.13); any other name, "attention"
+                # included, is recurrent, and it then asks for past_key_values.{i}.conv_state.
+                "layer_types": ["full_attention" if t == io.ATTENTION else "linear_attention" for t in cfg.layer_types],
                 **io.genai_io_names(),
             },
         },
