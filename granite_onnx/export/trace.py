@@ -11,6 +11,7 @@ Symbolic dims follow export/io.py.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass
@@ -75,8 +76,24 @@ def trace_layer(cfg: HybridConfig, kind: str, dtype: torch.dtype = torch.float32
     Traced on the meta device: weights are graph inputs, so no example weight is ever allocated and
     tracing a 600 MB MoE layer costs no more memory than a small one.
     """
-    with torch.device("meta"):
-        return _trace_layer(cfg, kind, dtype)
+    key = (_trace_key(cfg, kind), kind, dtype)
+    if key not in _LAYER_CACHE:
+        with torch.device("meta"):
+            _LAYER_CACHE[key] = _trace_layer(cfg, kind, dtype)
+    return _LAYER_CACHE[key]
+
+
+# Traces are pure functions of the layer-relevant config fields: one process (a test session, a sweep of
+# exports) traces each distinct layer kind once. Callers must not mutate the returned graphs.
+_LAYER_CACHE: dict[Any, LayerTemplate] = {}
+_KERNEL_CACHE: dict[Any, ir.Function] = {}
+
+
+def _trace_key(cfg: HybridConfig, kind: str) -> HybridConfig:
+    """`cfg` with every field that a decoder layer does not read set to a constant."""
+    return dataclasses.replace(cfg, layer_types=(kind,), vocab_size=1, tie_word_embeddings=True, name="",
+                               bos_token_id=None, eos_token_id=None, pad_token_id=None, max_position_embeddings=1,
+                               logits_scaling=1.0, embedding_multiplier=1.0)
 
 
 def _trace_layer(cfg: HybridConfig, kind: str, dtype: torch.dtype = torch.float32) -> LayerTemplate:
@@ -155,6 +172,13 @@ def trace_kernel(cfg: HybridConfig, name: str, attrs: dict[str, Any], dtype: tor
                  ) -> ir.Function:
     """The ONNX function `granite_onnx.<name>` whose body computes kernels.<name> with `attrs` baked in,
     for inputs in model dtype `dtype` (the body's casts and constants are typed)."""
+    key = (_trace_key(cfg, "mamba"), name, tuple(sorted(attrs.items())), dtype)
+    if key not in _KERNEL_CACHE:
+        _KERNEL_CACHE[key] = _trace_kernel(cfg, name, attrs, dtype)
+    return _KERNEL_CACHE[key]
+
+
+def _trace_kernel(cfg: HybridConfig, name: str, attrs: dict[str, Any], dtype: torch.dtype) -> ir.Function:
     with torch.device("meta"):  # example inputs carry shapes only
         args, ins, outs, dyn = _kernel_examples(cfg, name, dtype)
         model = _export(_Kernel(name, attrs), args, ins, outs, dyn)

@@ -135,9 +135,6 @@ class SelfAttention(nn.Module):
             self.k_bias = _param(cfg.num_key_value_heads * hd)
             self.v_bias = _param(cfg.num_key_value_heads * hd)
             self.o_bias = _param(d)
-        if cfg.position_embedding_type == "rope":
-            inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-            self.register_buffer("inv_freq", inv, persistent=False)
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 past_key: torch.Tensor, past_value: torch.Tensor,
@@ -153,7 +150,11 @@ class SelfAttention(nn.Module):
         k = k.reshape(b, t, -1, hd).transpose(1, 2)
         v = v.reshape(b, t, -1, hd).transpose(1, 2)
         if cfg.position_embedding_type == "rope":
-            freqs = position_ids[:, :, None].float() * self.inv_freq  # [B, T, d/2]
+            # computed in forward, not held as a buffer: layers are traced on the meta device, where a
+            # buffer has no data to fold
+            idx = torch.arange(0, hd, 2, dtype=torch.float32, device=position_ids.device)
+            inv_freq = 1.0 / (cfg.rope_theta ** (idx / hd))
+            freqs = position_ids[:, :, None].float() * inv_freq  # [B, T, d/2]
             emb = torch.cat([freqs, freqs], dim=-1)[:, None]
             cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
             q = q * cos + rotate_half(q) * sin
