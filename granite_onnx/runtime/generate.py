@@ -16,6 +16,7 @@ Imports: numpy, onnxruntime, tokenizers (through runtime.tokenizer) — never to
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -32,6 +33,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from granite_onnx.runtime.chat import Chat
 
 log = logging.getLogger(__name__)
+
+ATTENTION_BUDGET = 64 * 2**20  # bytes of attention scores + mask per prefill chunk when chunk_size is None
+MIN_AUTO_CHUNK = 16  # below this, per-chunk overhead dominates: accept the (small) excess instead
 
 Prompt = str | Sequence[int]
 Progress = Callable[[int, int], None]  # (tokens done, tokens total) after each prefill chunk
@@ -57,6 +61,7 @@ class Model:
         self.session = session
         self.cfg = session.cfg
         self.tokenizer = tokenizer
+        self.attention_budget = ATTENTION_BUDGET  # bytes; see chunk_length
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None,
@@ -151,7 +156,8 @@ class Model:
     # ---------------------------------------------------------------- prefill
     def prefill(self, batch: Sequence[Sequence[int]], *, state: State | None = None, chunk_size: int | None = None,
                 progress: Progress | None = None) -> tuple[np.ndarray, State]:
-        """Run the prompt ids of each row through the model, `chunk_size` tokens at a time (carrying state).
+        """Run the prompt ids of each row through the model, `chunk_size` tokens at a time (carrying state;
+        None: chunks sized to the attention budget, see `chunk_length`).
 
         Fresh rows (state None) are left-padded to the longest. Continuing a state, every row must bring
         the same number of new tokens: padding between a row's past and its new tokens would not be
@@ -178,10 +184,9 @@ class Model:
             if pads.any():
                 raise RequestError("continuing a state, every row needs the same number of new tokens "
                                    f"(got {sorted({len(r) for r in rows})}); prefill rows one by one and stack them")
-        step = chunk_size or length
         done = 0
         while done < length:
-            end = min(length, done + step)
+            end = done + self.chunk_length(st.past_len, length - done, b, chunk_size)
             chunk = np.ascontiguousarray(ids[:, done:end])
             ov, host = self.session._run(st, chunk, st.mask(end - done))
             done = end
@@ -189,6 +194,25 @@ class Model:
                 progress(done, length)
         logits = host if host is not None else ov.numpy()
         return np.array(logits[:, -1, :], copy=True), st
+
+    def chunk_length(self, past: int, remaining: int, batch: int, chunk_size: int | None = None) -> int:
+        """Tokens in the next prefill chunk: `chunk_size` if given, else as many as keep the attention
+        workspace within `attention_budget` bytes.
+
+        A chunk of t tokens after `past` makes each attention layer hold t × (past + t) scores per head
+        plus the additive mask (GroupQueryAttention's bias, expanded to t rows): float32
+        [batch, heads + 2, t, past + t]. That grows with the context, so with a fixed chunk the peak
+        memory of a long prefill grows faster than the K/V cache. Solving t·(past + t) ≤ budget / (4·
+        batch·(heads + 2)) keeps it at the budget: whole short prompts in one chunk, a 32K-token prompt
+        in shrinking chunks (~90 tokens at 32K on `small` with the default 64 MiB).
+        """
+        if chunk_size is not None:
+            return min(chunk_size, remaining)
+        if not self.session.kv_specs:
+            return remaining  # no attention layer: nothing in a chunk grows with the context
+        cells = self.attention_budget // (4 * batch * (self.cfg.num_attention_heads + 2))
+        t = int((math.sqrt(past * past + 4 * cells) - past) / 2)
+        return max(1, min(remaining, max(t, MIN_AUTO_CHUNK)))
 
     def decode_step(self, next_ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """Feed one token per row: next_ids [B] → logits [B, V] (a view, valid until this state's next step)."""

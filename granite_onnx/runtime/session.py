@@ -140,6 +140,27 @@ class State:
         return self._io.mask.view(pads, self.past_len + new_tokens)
 
 
+class _Host:
+    """A CPU OrtValue over a numpy array it shares memory with; the array is kept alive here.
+
+    K/V outputs are allocated this way on CPU, not by ONNX Runtime's allocator: they grow by a chunk
+    every step, and freed blocks of the previous (smaller) size stay in ORT's arena, unusable for the
+    next, so a long prefill's peak memory grew by about one more K/V cache. numpy's large blocks are
+    mmapped and go back to the OS when the previous step's K/V is dropped.
+    """
+
+    __slots__ = ("ov", "arr")
+
+    def __init__(self, ov: Any, arr: np.ndarray) -> None:
+        self.ov, self.arr = ov, arr
+
+    def numpy(self) -> np.ndarray:
+        return self.arr
+
+    def shape(self) -> list[int]:
+        return list(self.arr.shape)
+
+
 class _Raw:
     """The handful of ONNX Runtime calls a step makes, on the pybind objects under the public wrappers.
 
@@ -168,14 +189,23 @@ class _Raw:
             return self.C.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.cdev)
         return self.ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, self.device_id)
 
+    def alloc_growing(self, shape: list[int], dtype: Any) -> Any:
+        """A buffer of a size that changes every step (K/V): numpy-owned on CPU (see `_Host`)."""
+        if self.device != "cpu":
+            return self.alloc(shape, dtype)
+        arr = np.empty(shape, dtype)
+        if self.fast:
+            return _Host(self.C.OrtValue.ortvalue_from_numpy(arr, self.cdev), arr)
+        return _Host(self.ort.OrtValue.ortvalue_from_numpy(arr), arr)
+
     def bind_input(self, b: Any, name: str, v: Any) -> None:
         if isinstance(v, np.ndarray):
             b.bind_input(name, v) if self.fast else b.bind_cpu_input(name, v)  # by reference: keep v alive
         else:
-            b.bind_ortvalue_input(name, v)
+            b.bind_ortvalue_input(name, v.ov if type(v) is _Host else v)
 
     def bind_output(self, b: Any, name: str, v: Any) -> None:
-        b.bind_ortvalue_output(name, v)
+        b.bind_ortvalue_output(name, v.ov if type(v) is _Host else v)
 
     def run(self, b: Any) -> None:
         if self.fast:
@@ -250,7 +280,7 @@ class GraniteSession:
         for s in self.specs:
             shape = s.concrete_shape(batch, 0)
             if s.kind in ("key", "value"):
-                kv[s.past_name] = self._alloc(s.past_name, shape)
+                kv[s.past_name] = self.raw.alloc_growing(list(shape), self.dtypes[s.past_name])
             else:
                 live[s.past_name] = self._from_numpy(s.past_name, np.zeros(shape, self.dtypes[s.past_name]))
                 spare[s.past_name] = self._alloc(s.past_name, shape)  # written before it is read
@@ -279,7 +309,11 @@ class GraniteSession:
                 raise RuntimeError_(f"state tensor {s.past_name} has shape {a.shape}, this model needs {want} "
                                     f"(batch {batch}, past length {past_len}): it was taken from another model")
             if s.kind in ("key", "value"):
-                kv[s.past_name] = self._from_numpy(s.past_name, a)
+                kv[s.past_name] = v = self.raw.alloc_growing(list(a.shape), self.dtypes[s.past_name])
+                if type(v) is _Host:
+                    v.arr[...] = a
+                else:
+                    v.update_inplace(np.ascontiguousarray(a, dtype=self.dtypes[s.past_name]))
             else:
                 live[s.past_name] = self._from_numpy(s.past_name, a)
                 spare[s.past_name] = self._alloc(s.past_name, a.shape)
@@ -326,14 +360,15 @@ class GraniteSession:
         new_kv = {}
         for s in self.kv_specs:
             raw.bind_input(binding, s.past_name, st.kv[s.past_name])
-            out = raw.alloc(shape, self.dtypes[s.past_name])
+            out = raw.alloc_growing(shape, self.dtypes[s.past_name])
             raw.bind_output(binding, s.present_name, out)
             new_kv[s.past_name] = out
         t0 = time.perf_counter()
         try:
             raw.run(binding)
         except Exception as e:  # ORT's own exception types; the state is unchanged
-            raise RuntimeError_(f"ONNX Runtime failed on a step of {st.batch}×{t} tokens after {st.past_len}: {e}") from e
+            raise RuntimeError_(f"ONNX Runtime failed on a step of {st.batch}×{t} tokens after {st.past_len}: {e}"
+                                ) from e
         st.run_s += time.perf_counter() - t0
         st.runs += 1
         st.kv = new_kv

@@ -84,3 +84,96 @@ def test_bad_requests(model: Model) -> None:
         model.generate([[1, model.cfg.vocab_size]], GenerationConfig(max_new_tokens=2))
     with pytest.raises(RequestError, match="context length"):
         model.generate([[1, 2]], GenerationConfig(max_new_tokens=model.context_length))
+
+
+# ------------------------------------------------------------------ saved state and shared prefixes
+def _logprobs_close(a: list[float] | None, b: list[float] | None) -> float:
+    assert a is not None and b is not None and len(a) == len(b)
+    return max((abs(x - y) for x, y in zip(a, b)), default=0.0)
+
+
+def test_restore_snapshot_plus_suffix_equals_full_prompt(model: Model, tmp_path: Path) -> None:
+    ids = _prompts(1, [30], model.cfg.vocab_size, seed=5)[0]
+    cfg = GenerationConfig(max_new_tokens=10, logprobs=True)
+    full = model.generate([ids], cfg)[0]
+    snap = model.prefix(ids[:21])
+    for s in (snap, type(snap).load(snap.save(tmp_path / "prefix.npz"))):
+        got = model.generate([ids[21:]], cfg, state=s)[0]
+        diff = _logprobs_close(got.logprobs, full.logprobs)
+        print(f"restore + suffix vs full prompt: tokens equal {got.token_ids == full.token_ids}, logprob |Δ| {diff:.1e}")
+        assert got.token_ids == full.token_ids and diff < 1e-4
+    # the empty suffix continues from the snapshot's own logits
+    assert model.generate([[]], cfg, state=model.prefix(ids))[0].token_ids == full.token_ids
+    # the snapshot is unchanged by use: a second request from it gives the same answer
+    assert model.generate([ids[21:]], cfg, state=snap)[0].token_ids == full.token_ids
+
+
+def test_shared_prefix_for_a_batch_of_different_suffixes(model: Model) -> None:
+    vocab = model.cfg.vocab_size
+    prefix = _prompts(1, [17], vocab, seed=6)[0]
+    suffixes = _prompts(3, [4, 9, 1], vocab, seed=7)
+    cfg = GenerationConfig(max_new_tokens=8, logprobs=True)
+    got = model.generate(suffixes, cfg, state=model.prefix(prefix))
+    for s, g in zip(suffixes, got):
+        ref = model.generate([prefix + s], cfg)[0]
+        assert g.token_ids == ref.token_ids and _logprobs_close(g.logprobs, ref.logprobs) < 1e-4
+    same = model.generate([suffixes[1]] * 2, cfg, state=model.prefix(prefix))  # one batched prefill
+    assert same[0].token_ids == same[1].token_ids == got[1].token_ids
+
+
+def test_continuing_a_state_with_uneven_rows_is_refused(model: Model) -> None:
+    _, st = model.prefill([[5, 6, 7], [8, 9, 10]])
+    with pytest.raises(RequestError, match="same number of new tokens"):
+        model.prefill([[1], [2, 3]], state=st)
+
+
+# ------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs,match", [
+    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"top_p": 1.01}, r"top_p must be in \(0, 1\]"),
+    ({"stop_strings": "END"}, "bare string"),
+    ({"stop_strings": [3]}, "only strings"),
+])
+def test_bad_config_is_a_clear_error(kwargs: dict, match: str) -> None:
+    from granite_onnx.runtime import GenerationConfigError
+
+    with pytest.raises(GenerationConfigError, match=match):
+        GenerationConfig(**kwargs)
+
+
+def test_bad_requests_more(model: Model) -> None:
+    with pytest.raises(RequestError, match="no tokenizer"):
+        model.generate("text needs a tokenizer", GenerationConfig(max_new_tokens=2))
+    with pytest.raises(RequestError, match="stop strings need a tokenizer"):
+        model.generate([[1, 2]], GenerationConfig(max_new_tokens=2, stop_strings=("x",)))
+    with pytest.raises(RequestError, match="must be ints"):
+        model.generate([[1, "2"]], GenerationConfig(max_new_tokens=2))  # type: ignore[list-item]
+    with pytest.raises(RequestError, match="GenerationConfig"):
+        model.generate([[1, 2]], "greedy")  # type: ignore[arg-type]
+    with pytest.raises(RequestError, match="Snapshot"):
+        model.generate([[1, 2]], state={"not": "a snapshot"})  # type: ignore[arg-type]
+    with pytest.raises(RequestError, match="context length"):
+        model.generate([[1] * (model.context_length - 1)], GenerationConfig(max_new_tokens=2))
+
+
+def test_unknown_provider_and_cuda_without_gpu(test_model_dir: Path) -> None:
+    import onnxruntime as ort
+
+    from granite_onnx.runtime import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="unknown provider 'tpu'"):
+        Model.load(test_model_dir, provider="tpu")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has CUDA: the no-GPU error cannot be provoked")
+    with pytest.raises(ModelLoadError, match="no CUDA execution provider.*onnxruntime-gpu"):
+        Model.load(test_model_dir, provider="cuda")
+
+
+def test_snapshot_from_another_model_is_refused(model: Model, test_model_last_dir: Path) -> None:
+    from granite_onnx.runtime import SnapshotError
+
+    snap = model.prefix([5, 6, 7])
+    snap.model = {**snap.model, "hidden_size": snap.model["hidden_size"] + 1}
+    with pytest.raises(SnapshotError, match="another model"):
+        model.restore(snap)
