@@ -224,7 +224,7 @@ class HybridConfig:
             position_embedding_type=pos,
             rope_theta=theta,
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            time_step_limit=(float(tsl[0]), float(tsl[1])),
+            time_step_limit=(_float(tsl[0]), _float(tsl[1])),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             pad_token_id=d.get("pad_token_id"),
@@ -312,6 +312,16 @@ class HybridConfig:
             if self.num_experts:
                 p += self.num_experts * h + self.num_experts * 3 * h * self.intermediate_size
         return p
+
+
+def _float(v: Any) -> float:
+    """A float from config.json; transformers ≥ 5 writes infinities as {"__float__": "Infinity"}."""
+    if isinstance(v, Mapping) and "__float__" in v:
+        v = v["__float__"]
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"expected a number in config.json, got {v!r}") from None
 
 
 def _resample_layer_types(types: tuple[str, ...], n: int) -> tuple[str, ...]:
