@@ -14,6 +14,7 @@ Node names are hierarchical and greppable: `/model/layers.3/mamba/MatMul_2`, val
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -135,6 +136,19 @@ def _instantiate(b: _Builder, tpl_proto: onnx.GraphProto, tpl: LayerTemplate, i:
                 b.value_info[vi.name] = vi
         b.nodes.append(m)
 
+@functools.lru_cache(maxsize=16)
+def _traced_layer(cfg: HybridConfig, kind: str, dtype: Any) -> tuple[LayerTemplate, onnx.GraphProto]:
+    """trace_layer, once per process for each (config, kind, dtype): exporting one model in several
+    formats (tools/bench_quant.py, the tests) re-traces only when the compute dtype changes."""
+    tpl = trace_layer(cfg, kind, dtype)
+    return tpl, ir.serde.serialize_graph(tpl.graph)
+
+
+@functools.lru_cache(maxsize=32)
+def _traced_kernel(cfg: HybridConfig, name: str, attrs: tuple[tuple[str, Any], ...], dtype: Any) -> onnx.FunctionProto:
+    return ir.serde.serialize_function(trace_kernel(cfg, name, dict(attrs), dtype))
+
+
 def _torch_dtype(fmt: WeightFormat) -> Any:
     import torch
 
@@ -162,9 +176,7 @@ def compose(cfg: HybridConfig, src: WeightSource, data_path: Path, *, logits: st
     for kind in dict.fromkeys(cfg.layer_types):
         t = time.perf_counter()
         say(f"tracing the {kind} layer" + ("" if fmt.precision == "fp32" else f" in {fmt.precision}"))
-        tpl = trace_layer(cfg, kind, _torch_dtype(fmt))
-        templates[kind] = tpl
-        protos[kind] = ir.serde.serialize_graph(tpl.graph)
+        templates[kind], protos[kind] = _traced_layer(cfg, kind, _torch_dtype(fmt))
         res.timings[f"trace_{kind}_s"] = time.perf_counter() - t
     res.traced_kinds = list(templates)
     kernel_attrs: dict[str, dict[str, Any]] = {}
@@ -292,7 +304,7 @@ def compose(cfg: HybridConfig, src: WeightSource, data_path: Path, *, logits: st
     for name in dict.fromkeys(n.op_type for n in b.nodes if n.domain == kernels.DOMAIN):
         t = time.perf_counter()
         say(f"tracing the {name} kernel")
-        functions[name] = ir.serde.serialize_function(trace_kernel(cfg, name, kernel_attrs[name], _torch_dtype(fmt)))
+        functions[name] = _traced_kernel(cfg, name, tuple(sorted(kernel_attrs[name].items())), _torch_dtype(fmt))
         res.timings[f"trace_kernel_{name}_s"] = time.perf_counter() - t
 
     # --- graph I/O

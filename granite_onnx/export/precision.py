@@ -71,7 +71,7 @@ class WeightFormat:
     accuracy_level: int | None = None
 
     def __post_init__(self) -> None:
-        if self.block_size == 0 and self.quant != "none":
+        if self.block_size == 0 and self.quant in QUANTS:
             object.__setattr__(self, "block_size", DEFAULT_BLOCK_SIZE[self.quant])
         check_format(self)
 
