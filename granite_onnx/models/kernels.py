@@ -113,10 +113,12 @@ def moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torc
     top_v, top_i = torch.topk(logits, top_k, dim=-1)
     w = torch.softmax(top_v, dim=-1).to(x.dtype)  # [N, k]
     dense_w = torch.zeros_like(logits, dtype=x.dtype).scatter(1, top_i, w)  # [N, E]
-    gu = torch.einsum("nd,edf->enf", x, gate_up)  # [E, N, 2I]
+    # ONNX's Einsum has no bfloat16 before opset 28 (we export 23): bf16 experts multiply in float32.
+    ct = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+    gu = torch.einsum("nd,edf->enf", x.to(ct), gate_up.to(ct))  # [E, N, 2I]
     act = F.silu(gu[..., :inter]) * gu[..., inter:]
-    out = torch.einsum("enf,efd->end", act, down)  # [E, N, D]
-    return torch.einsum("end,ne->nd", out, dense_w)
+    out = torch.einsum("enf,efd->end", act, down.to(ct))  # [E, N, D]
+    return torch.einsum("end,ne->nd", out, dense_w.to(ct)).to(x.dtype)
 
 
 # ------------------------------------------------------------------------- attention
