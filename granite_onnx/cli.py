@@ -120,13 +120,38 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--no-spin", action="store_true",
+                   help="idle ONNX Runtime workers sleep instead of spinning (faster on a busy, shared machine)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="prefill chunk size (default: sized to a 64 MiB attention workspace; short prompts in one chunk)")
+    p.add_argument("--progress", action="store_true", help="report prefill progress on stderr (long prompts)")
+
+
+def _load(a: argparse.Namespace) -> Any:
+    from granite_onnx.runtime.generate import Model
+
+    return Model.load(a.model_dir, provider=a.provider, threads=a.threads, spin=False if a.no_spin else None)
+
+
+def _progress(a: argparse.Namespace) -> Any:
+    """A prefill progress callback printing `[prefill] done/total tokens` to stderr, or None."""
+    if not a.progress:
+        return None
+    t0 = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        dt = time.perf_counter() - t0
+        print(f"[prefill] {done}/{total} tokens ({100 * done / total:.0f}%, {done / max(dt, 1e-9):.0f} tok/s)",
+              file=sys.stderr, flush=True)
+
+    return report
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from granite_onnx.runtime.generate import Model, RequestError
 
     cfg = _gen_config(a)
-    model = Model.load(a.model_dir, provider=a.provider, threads=a.threads)
+    model = _load(a)
     if a.ids is not None:
         try:
             prompt: Any = [int(x) for x in a.ids.split(",") if x.strip()]
@@ -140,13 +165,15 @@ def cmd_generate(a: argparse.Namespace) -> int:
         prompt = model.tokenizer.encode_chat([{"role": "user", "content": prompt}])
     t0 = time.perf_counter()
     if a.stream and not a.json:
-        n = 0
-        for piece in model.stream(prompt, cfg, chunk_size=a.chunk_size):
+        first = None
+        for piece in model.stream(prompt, cfg, chunk_size=a.chunk_size, progress=_progress(a)):
+            first = first or time.perf_counter()
             print(piece, end="", flush=True)
-            n += 1
         print()
+        end = time.perf_counter()
+        print(f"[first text after {(first or end) - t0:.3f} s, {end - t0:.2f} s in all]", file=sys.stderr)
         return 0
-    res = model.generate(prompt, cfg, chunk_size=a.chunk_size)[0]
+    res = model.generate(prompt, cfg, chunk_size=a.chunk_size, progress=_progress(a))[0]
     dt = time.perf_counter() - t0
     if a.json:
         print(json.dumps({"token_ids": res.token_ids, "text": res.text, "finish_reason": res.finish_reason,
@@ -155,6 +182,64 @@ def cmd_generate(a: argparse.Namespace) -> int:
         print(res.text if res.text is not None else " ".join(map(str, res.token_ids)))
         print(f"[{len(res.token_ids)} tokens, {res.finish_reason}, {len(res.token_ids) / dt:.1f} tok/s]",
               file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- chat
+CHAT_HELP = """commands: /reset (forget the conversation), /save FILE, /load FILE (conversation state),
+/exit (or end of input). Anything else is your next message."""
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    """Interactive chat on stdin/stdout: one message per line, the reply streamed, stats on stderr."""
+    from granite_onnx.runtime.chat import Chat
+    from granite_onnx.runtime.state import SnapshotError
+
+    model = _load(a)
+    chat = Chat(model, system=a.system, config=_gen_config(a), chunk_size=a.chunk_size, progress=_progress(a))
+    tty = sys.stdin.isatty()
+    say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if tty:
+        say(f"granite-onnx chat: {a.model_dir}. {CHAT_HELP}")
+    recoverable = _user_errors() + (SnapshotError, OSError)
+    while True:
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\r\n")
+        cmd, _, arg = line.strip().partition(" ")
+        try:
+            if cmd in ("/exit", "/quit"):
+                break
+            if cmd == "/reset":
+                chat.reset()
+                say("[conversation reset]")
+            elif cmd == "/save":
+                if not arg:
+                    raise ValueError("/save needs a file name")
+                path = chat.save(arg.strip())
+                say(f"[saved {len(chat.tokens)} tokens of conversation to {path}]")
+            elif cmd == "/load":
+                if not arg:
+                    raise ValueError("/load needs a file name")
+                chat.load(arg.strip())
+                say(f"[loaded {len(chat.messages)} messages, {len(chat.tokens)} tokens]")
+            elif cmd in ("/help", "/?"):
+                say(CHAT_HELP)
+            elif cmd.startswith("/") and " " not in cmd and len(cmd) > 1:
+                say(f"unknown command {cmd}; {CHAT_HELP}")
+            elif line.strip():
+                for piece in chat.stream(line):
+                    print(piece, end="", flush=True)
+                print(flush=True)
+                t = chat.last
+                assert t is not None
+                say(f"[{len(t.token_ids)} tokens, {t.finish_reason}, {t.tokens_per_s:.1f} tok/s, first token "
+                    f"{t.ttft_s * 1e3:.0f} ms, prefilled {t.prompt_tokens} of {t.context_tokens} context tokens]")
+        except recoverable + (ValueError,) as e:
+            say(f"error: {e}")
     return 0
 
 
@@ -176,6 +261,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     res = bench(a.model_dir, a.reference, seed=a.seed, layers=a.layers, threads=a.threads, prompt_len=a.prompt_len,
                 new_tokens=a.new_tokens, batches=tuple(a.batch), prefill_lens=tuple(a.prefill), skip_hf=a.no_hf,
+                turns=a.turns, long=a.long, chunk_size=a.chunk_size, spin=False if a.no_spin else None,
                 progress=lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True))
     print(json.dumps(res, indent=2) if a.json else res["table"])
     return 0
@@ -238,10 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(g)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
     g.add_argument("--stream", action="store_true", help="print text as it is decoded")
-    g.add_argument("--chunk-size", type=int, default=None, help="prefill chunk size (default: whole prompt)")
     g.add_argument("--logprobs", action="store_true")
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat (stdin → streamed replies) keeping the state between turns",
+                       description="Chat with a model folder that has a tokenizer. " + CHAT_HELP)
+    c.add_argument("model_dir", nargs="?", default=str(default_model_dir()),
+                   help=f"model folder (default: {DEFAULT_MODEL_HINT})")
+    c.add_argument("--system", default=None, help="system message")
+    _add_sampling(c)
+    c.set_defaults(fn=cmd_chat, max_new_tokens=256)
 
     v = sub.add_parser("validate", help="compare a model folder with HF transformers, output by output")
     v.add_argument("model_dir")
@@ -267,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, nargs="+", default=[1])
     b.add_argument("--prefill", type=int, nargs="+", default=[512])
     b.add_argument("--no-hf", action="store_true", help="time this runtime only")
+    b.add_argument("--turns", type=int, default=4, help="multi-turn case: turns (0 = skip)")
+    b.add_argument("--long", type=int, default=0, metavar="N",
+                   help="long-prompt case: prefill N tokens in chunks, report time, peak RSS growth and K/V bytes")
+    b.add_argument("--chunk-size", type=int, default=None,
+                   help="prefill chunk for --long (default: sized to the attention budget, see Model.chunk_length)")
+    b.add_argument("--no-spin", action="store_true", help="idle ONNX Runtime workers sleep instead of spinning")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_bench)
 
