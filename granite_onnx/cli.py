@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--prompt-len", type=int, default=32)
     b.add_argument("--new-tokens", type=int, default=32)
-    b.add_argument("--batch", type=int, nargs="+", default=[1])
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
     b.add_argument("--prefill", type=int, nargs="+", default=[512])
     b.add_argument("--no-hf", action="store_true", help="time this runtime only")
     b.add_argument("--turns", type=int, default=4, help="multi-turn case: turns (0 = skip)")

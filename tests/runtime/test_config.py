@@ -91,7 +91,7 @@ def test_validate_checks_stop_ids_against_vocab() -> None:
         config.validate(50)
 
 
-def test_text_layer_imports_without_torch() -> None:
+def test_runtime_imports_without_torch() -> None:
     # Apps that embed the runtime ship numpy, tokenizers and onnxruntime only: a None entry in
     # sys.modules makes any `import torch` / `import transformers` raise ImportError.
     code = textwrap.dedent(
@@ -100,6 +100,10 @@ def test_text_layer_imports_without_torch() -> None:
         sys.modules["torch"] = None
         sys.modules["transformers"] = None
         import granite_onnx.runtime.config, granite_onnx.runtime.sampling, granite_onnx.runtime.tokenizer
+        import granite_onnx.runtime
+        import granite_onnx.runtime.session, granite_onnx.runtime.state, granite_onnx.runtime.generate
+        import granite_onnx.runtime.chat, granite_onnx.runtime.batcher
+        from granite_onnx.runtime import Batcher, Chat, Model, Snapshot
         from granite_onnx.runtime.sampling import Sampler
         from granite_onnx.runtime.config import GenerationConfig
         import numpy as np
