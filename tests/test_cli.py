@@ -60,3 +60,17 @@ def test_export_existing_without_overwrite(tmp_path: Path) -> None:
 def test_export_unknown_preset(tmp_path: Path) -> None:
     r = run("export", "--preset", "nope", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "unknown preset" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_generate_progress_per_chunk(test_model_last_dir: Path) -> None:
+    r = run("generate", str(test_model_last_dir), "--ids", "5,6,7,8,9", "--chunk-size", "2", "--progress",
+            "--max-new-tokens", "2", "--no-spin")
+    assert r.returncode == 0, r.stderr
+    lines = [s for s in r.stderr.splitlines() if s.startswith("[prefill]")]
+    assert [s.split()[1] for s in lines] == ["2/5", "4/5", "5/5"]
+
+
+def test_chat_needs_a_tokenizer(test_model_last_dir: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "granite_onnx.cli", "chat", str(test_model_last_dir)], input="hi\n",
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "no tokenizer.json" in r.stderr and "Traceback" not in r.stderr

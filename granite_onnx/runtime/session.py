@@ -133,11 +133,10 @@ class State:
         """Real (unpadded) tokens per row [B]."""
         return self.past_len - self.pads
 
-    def mask(self, new_tokens: int, new_pads: np.ndarray | None = None) -> np.ndarray:
+    def mask(self, new_tokens: int) -> np.ndarray:
         """The attention mask [B, past_len + new_tokens] for the next step (a reused buffer's view)."""
         assert self._io is not None
-        pads = self.pads if new_pads is None else new_pads
-        return self._io.mask.view(pads, self.past_len + new_tokens)
+        return self._io.mask.view(self.pads, self.past_len + new_tokens)
 
 
 class _Host:
