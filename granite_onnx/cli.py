@@ -330,8 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="interactive chat (stdin → streamed replies) keeping the state between turns",
                        description="Chat with a model folder that has a tokenizer. " + CHAT_HELP)
-    c.add_argument("model_dir", nargs="?", default=str(default_model_dir()),
-                   help=f"model folder (default: {DEFAULT_MODEL_HINT})")
+    c.add_argument("model_dir", help="an exported model folder with tokenizer.json")
     c.add_argument("--system", default=None, help="system message")
     _add_sampling(c)
     c.set_defaults(fn=cmd_chat, max_new_tokens=256)

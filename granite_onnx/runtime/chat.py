@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -223,8 +223,3 @@ class Chat:
     def __repr__(self) -> str:
         return f"Chat({len(self.messages)} messages, {len(self.tokens)} tokens)"
 
-
-def chat_summary(turn: ChatTurn) -> dict[str, Any]:
-    return {"tokens": len(turn.token_ids), "finish_reason": turn.finish_reason, "ttft_s": round(turn.ttft_s, 4),
-            "tokens_per_s": round(turn.tokens_per_s, 1), "prompt_tokens": turn.prompt_tokens,
-            "context_tokens": turn.context_tokens}

@@ -75,6 +75,9 @@ def read_folder_config(path: Path) -> tuple[HybridConfig, dict[str, Any]]:
     path = Path(path)
     if not path.is_dir():
         raise RuntimeError_(f"{path} is not a model folder; export one with `granite-onnx export ... --out DIR`")
+    if not (path / MODEL_FILE).exists() and (path / "config.json").exists():
+        raise RuntimeError_(f"{path} is a Hugging Face checkpoint, not an exported model folder; export it first: "
+                            f"granite-onnx export --model {path} --out {path.name}-onnx --optimize")
     for f in (MODEL_FILE, GRANITE_CONFIG):
         if not (path / f).exists():
             raise RuntimeError_(f"{path} has no {f}: not a granite-onnx model folder (or a partial copy); "
