@@ -36,6 +36,7 @@ FORMATS: dict[str, dict[str, Any]] = {
     "int4-head": {"quant": "int4", "embedding": "head"},
     "int4-float-embed": {"quant": "int4", "embedding": "float"},
     "int4-b128": {"quant": "int4", "block_size": 128},
+    "int4-e4": {"quant": "int4", "embedding_bits": 4},
     "fp8": {"precision": "fp16", "quant": "fp8"},
 }
 
@@ -137,7 +138,7 @@ def cmd_accuracy(a: argparse.Namespace) -> None:
     import numpy as np
 
     from granite_onnx.export.accuracy import (OrtStepper, _reference_source, check_targets, compare_logits,
-                                              encode_text, reference_logits)
+                                              encode_text, heldout_tokens, reference_logits)
     from granite_onnx.export.precision import WeightFormat, provider_problem
 
     names = _formats_in(a.dir, a.formats)
@@ -146,6 +147,8 @@ def cmd_accuracy(a: argparse.Namespace) -> None:
     if a.text_file:
         tokens = encode_text(first, Path(a.text_file).read_text())[: a.positions + 1]
         what = f"text {Path(a.text_file).name}"
+    elif (held := heldout_tokens(a.reference)) is not None:
+        tokens, what = held[: a.positions + 1], f"held-out split of {Path(a.reference).name}"
     else:
         tokens = np.random.default_rng(0).integers(0, src.cfg.vocab_size, a.positions + 1)
         what = "random tokens (seed 0)"

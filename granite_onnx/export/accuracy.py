@@ -7,9 +7,9 @@ through both models and compares the next-token distributions at every position:
 * mean KL(p_fp32 ‖ p_model) in nats over the positions (and the worst position);
 * perplexity of both models on the sequence's next tokens, and their ratio.
 
-The sequence is held-out text when `text` is given (tokenized with the folder's tokenizer.json), else
-seeded random token ids (fine for random-weight presets, where perplexity means little but top-1 and
-KL still measure the format's error). The ONNX model runs on ONNX Runtime with its state in the dtypes
+The sequence is `text` when given (tokenized with the folder's tokenizer.json); else the reference's
+held-out split when it has one (the default model: `heldout_tokens`); else seeded random token ids
+(random-weight presets, where perplexity means little but top-1 and KL still measure the format's error). The ONNX model runs on ONNX Runtime with its state in the dtypes
 the graph declares; a folder exported with `logits="last"` is stepped one token at a time (its decode
 path), one with `logits="all"` runs in one pass. The reference is our float32 torch model
 (models/layers.TorchModel: equal to HF transformers to 1e-4, tests/test_parity.py) over the same
@@ -167,6 +167,31 @@ def encode_text(model_dir: Path, text: str) -> np.ndarray:
     return np.asarray(Tokenizer.from_file(str(tok)).encode(text).ids, np.int64)
 
 
+def heldout_tokens(folder: str | Path) -> np.ndarray | None:
+    """The held-out token stream of a model trained by tools/train_default.py (the shipped default model).
+
+    Its training_log.json names the held-out stdlib files; like training, each file's tokens are followed
+    by <|end_of_text|>. None when `folder` has no such log, or the files are not on this machine.
+    """
+    folder = Path(folder)
+    log_path, tok_path = folder / "training_log.json", folder / "tokenizer.json"
+    if not (log_path.exists() and tok_path.exists()):
+        return None
+    data = json.loads(log_path.read_text()).get("data", {})
+    root, files = Path(data.get("stdlib", "")), data.get("heldout_files") or []
+    if not files or not all((root / f).exists() for f in files):
+        return None
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_path))
+    eos = tok.token_to_id("<|end_of_text|>")
+    texts = [(root / f).read_text(encoding="utf-8", errors="replace") for f in files]
+    pieces = []
+    for enc in tok.encode_batch(texts, add_special_tokens=False):
+        pieces += [np.asarray(enc.ids, np.int64), np.asarray([eos], np.int64)]
+    return np.concatenate(pieces)
+
+
 def accuracy_report(model_dir: str | Path, reference: str | Path, positions: int = 256, text: str | None = None,
                     *, seed: int | None = None, layers: int | None = None, threads: int | None = None,
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -188,6 +213,8 @@ def accuracy_report(model_dir: str | Path, reference: str | Path, positions: int
         if len(tokens) < positions + 1:
             raise ValueError(f"the text has {len(tokens)} tokens; {positions + 1} are needed for {positions} positions")
         tokens, source = tokens[: positions + 1], "text"
+    elif (held := heldout_tokens(reference)) is not None and len(held) > positions:
+        tokens, source = held[: positions + 1], f"held-out split of {Path(reference).name}"
     else:
         tokens = np.random.default_rng(0).integers(0, src.cfg.vocab_size, positions + 1)
         source = "random tokens (seed 0)"
@@ -236,8 +263,8 @@ def dequantized_source(src: Any, fmt: WeightFormat) -> Any:
         raise ValueError("dequantized_source covers int8/int4 with the shared embedding only")
     bits, bs = fmt.bits, fmt.block_size
 
-    def lin(w: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(dequantize_linear(quantize_linear(w.numpy(), bits, bs)))
+    def lin(w: torch.Tensor, nbits: int = bits) -> torch.Tensor:
+        return torch.from_numpy(dequantize_linear(quantize_linear(w.numpy(), nbits, bs)))
 
     class Dequantized(WeightSource):
         def __init__(self) -> None:
@@ -256,13 +283,13 @@ def dequantized_source(src: Any, fmt: WeightFormat) -> Any:
 
         def embed(self) -> torch.Tensor:  # quantized only when tied: an untied model gathers a float embedding
             e = src.embed()
-            return lin(e.T.contiguous()).T.contiguous() if src.lm_head() is None else e
+            return lin(e.T.contiguous(), fmt.embed_bits).T.contiguous() if src.lm_head() is None else e
 
         def final_norm(self) -> torch.Tensor:
             return src.final_norm()
 
         def lm_head(self) -> torch.Tensor | None:
             head = src.lm_head()
-            return None if head is None else lin(head.T.contiguous()).T.contiguous()
+            return None if head is None else lin(head.T.contiguous(), fmt.embed_bits).T.contiguous()
 
     return Dequantized()

@@ -203,7 +203,7 @@ def compose(cfg: HybridConfig, src: WeightSource, data_path: Path, *, logits: st
                 write(name, arr)
             b.node("GatherBlockQuantized", [f"{EMBED}.qweight", io.INPUT_IDS, f"{EMBED}.gather_scales"],
                    ["/model/embed/gather_blocks"], "/model/embed/GatherBlockQuantized", domain=ORT_DOMAIN,
-                   gather_axis=0, quantize_axis=2, block_size=fmt.block_size, bits=fmt.bits)
+                   gather_axis=0, quantize_axis=2, block_size=fmt.block_size, bits=fmt.embed_bits)
             # [B, T, D/bs, bs] → [B, T, D]
             emb = b.node("Reshape", ["/model/embed/gather_blocks", b.const("/model/embed/shape", [0, 0, cfg.hidden_size])],
                          ["/model/embed/gather"], "/model/embed/Reshape")

@@ -58,12 +58,14 @@ class ExportOptions:
     block_size: int = 0  # quantization block along the input features (0: the quant's default)
     embedding: str = "shared"  # tied embedding/LM head when quantized: shared | head | float
     accuracy_level: int | None = None  # MatMulNBits/QMoE accuracy_level (None: the measured default)
+    embedding_bits: int = 0  # bits of the quantized embedding/LM head (0: 8, see WeightFormat.embed_bits)
 
     def weight_format(self) -> WeightFormat:
         """The validated WeightFormat; ExportError (saying how to fix it) for a bad combination."""
         try:
             return WeightFormat(precision=self.precision, quant=self.quant, block_size=self.block_size,
-                                embedding=self.embedding, accuracy_level=self.accuracy_level)
+                                embedding=self.embedding, accuracy_level=self.accuracy_level,
+                                embedding_bits=self.embedding_bits)
         except FormatError as e:
             raise ExportError(str(e)) from None
 
@@ -192,8 +194,12 @@ def _parity(folder: Path, src: WeightSource, logits: str) -> dict[str, Any]:
 
 def export(*, model: str | Path | None = None, preset_name: str | None = None, seed: int = 0,
            layers: int | None = None, out: str | Path, options: ExportOptions | None = None,
-           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Export to `out` and return the export report (also written as export_report.json)."""
+           progress: Callable[[str], None] | None = None, source: WeightSource | None = None) -> dict[str, Any]:
+    """Export to `out` and return the export report (also written as export_report.json).
+
+    `source` (instead of `model`/`preset_name`): any WeightSource, e.g. RandomWeights over a modified
+    preset config (tools/memory_context.py exports Tiny widths with every layer attention that way).
+    """
     opts = options or ExportOptions()
     say = progress or (lambda s: log.info(s))
     fmt = opts.weight_format()
@@ -203,7 +209,7 @@ def export(*, model: str | Path | None = None, preset_name: str | None = None, s
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder")
     t0 = time.perf_counter()
-    src = open_weights(model, preset_name, seed, layers)
+    src = source if source is not None else open_weights(model, preset_name, seed, layers)
     cfg = src.cfg
     from granite_onnx.export.quantize import check_model, estimate_bytes
 
@@ -230,7 +236,8 @@ def export(*, model: str | Path | None = None, preset_name: str | None = None, s
         res = compose(cfg, src, tmp / DATA_FILE, logits=opts.logits, progress=say, fmt=fmt)
         onnx.save(res.model, str(tmp / MODEL_FILE))
         report: dict[str, Any] = {
-            "source": str(model) if model is not None else {"preset": preset_name, "seed": seed, "layers": layers},
+            "source": str(model) if model is not None else
+            {"preset": preset_name, "seed": seed, "layers": layers} if source is None else {"custom": src.cfg.name},
             "versions": _versions(),
             "config": cfg.to_json_dict(),
             "num_parameters": cfg.num_parameters(),

@@ -381,7 +381,7 @@ class Quantizer:
     # -- the tied embedding / LM head (compose builds these nodes itself)
     def embedding(self, embed: np.ndarray, tensors: dict[str, np.ndarray]) -> QuantizedLinear:
         """Quantize E [V, D] along D once, for GatherBlockQuantized and the MatMulNBits head alike."""
-        q = quantize_linear(embed.T, self.fmt.bits, self.fmt.block_size)  # W = Eᵀ [K=D, N=V] → qweight [V, D/bs, blob]
+        q = quantize_linear(embed.T, self.fmt.embed_bits, self.fmt.block_size)  # W = Eᵀ [K=D, N=V] → qweight [V, D/bs, blob]
         tensors[f"{EMBED}.qweight"] = q.qweight
         tensors[f"{EMBED}.scales"] = self._scales(q.scales)  # [V, D/bs] for the head
         tensors[f"{EMBED}.gather_scales"] = self._scales(q.scales[..., None])  # [V, D/bs, 1]: GBQ's rank-3 view
@@ -389,12 +389,12 @@ class Quantizer:
 
     def quantized_head_node(self, h: str, out: str, head: str, k: int, n: int, name: str) -> NodeProto:
         return helper.make_node("MatMulNBits", [h, f"{head}.qweight", f"{head}.scales"], [out], name=name,
-                                domain=ORT_DOMAIN, K=k, N=n, bits=self.fmt.bits, block_size=self.fmt.block_size,
+                                domain=ORT_DOMAIN, K=k, N=n, bits=self.fmt.embed_bits, block_size=self.fmt.block_size,
                                 accuracy_level=default_accuracy_level(self.fmt, "MatMulNBits"))
 
     def head(self, w: np.ndarray, name: str, tensors: dict[str, np.ndarray]) -> QuantizedLinear:
         """An untied LM head [V, D] (or a tied one kept apart from the float gather): qweight + scales."""
-        q = quantize_linear(w.T, self.fmt.bits, self.fmt.block_size)
+        q = quantize_linear(w.T, self.fmt.embed_bits, self.fmt.block_size)
         tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = q.qweight, self._scales(q.scales)
         return q
 
@@ -530,7 +530,7 @@ def _quantize_embedding(nodes: list[NodeProto], getters: Mapping[str, WeightGett
             out.append(helper.make_node("GatherBlockQuantized", [f"{EMBED}.qweight", n.input[1], f"{EMBED}.gather_scales"],
                                         [blocks], name=_renamed(n.name, "Gather", "GatherBlockQuantized"),
                                         domain=ORT_DOMAIN, gather_axis=0, quantize_axis=2,
-                                        block_size=fmt.block_size, bits=fmt.bits))
+                                        block_size=fmt.block_size, bits=fmt.embed_bits))
             out.append(helper.make_node("Reshape", [blocks, shape], list(n.output), name=f"{n.name}/Reshape"))
             counts["embedding"] += 1
         elif n is heads[0]:
