@@ -299,10 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--logits", choices=["last", "all"], default="last",
                    help="return only the last position's logits (default) or every position's")
     grp = e.add_mutually_exclusive_group()
-    grp.add_argument("--optimize", dest="optimize", action="store_true", default=False,
-                     help="fuse into ONNX Runtime kernels (granite-onnx optimize)")
+    grp.add_argument("--optimize", dest="optimize", action="store_true", default=True,
+                     help="fuse into ONNX Runtime kernels (default; see granite-onnx optimize)")
     grp.add_argument("--portable", dest="optimize", action="store_false",
-                     help="keep the standard-op graph (default)")
+                     help="keep the standard-op graph (runs on any ONNX runtime)")
     e.add_argument("--no-parity-check", action="store_true", help="skip the short in-export parity check")
     _add_weight_format(e, precision_default="fp32")
     e.add_argument("--json", action="store_true", help="print the export report as JSON")

@@ -70,21 +70,26 @@ class Exported:
     report: Any  # ValidationReport
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
+# Every configuration twice: the portable graph (standard ops) and the fused one (ONNX Runtime kernels).
+@pytest.fixture(scope="module", params=[(n, g) for n in CONFIGS for g in ("portable", "fused")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Exported:
     from granite_onnx.export.exporter import ExportOptions, export
     from granite_onnx.models.weights import RandomWeights, save_hf_folder
     from granite_onnx.validate import validate
 
-    name = request.param
+    name, graph = request.param
     cfg = dataclasses.replace(CONFIGS[name], name=f"test-{name}")
-    root = tmp_path_factory.mktemp(name)
+    root = tmp_path_factory.mktemp(f"{name}-{graph}")
     hf_dir = save_hf_folder(RandomWeights(cfg, SEED), root / "hf")
     folder = root / "onnx"
-    export(model=hf_dir, out=folder, options=ExportOptions(logits="all", overwrite=True, parity_check=False))
+    export(model=hf_dir, out=folder, options=ExportOptions(logits="all", overwrite=True, parity_check=False,
+                                                           optimize=graph == "fused"))
+    meta = json.loads((folder / "granite_config.json").read_text())
+    assert meta["graph"] == graph
     report = validate(folder, hf_dir, prompt_len=PROMPT_LEN, decode_steps=DECODE_STEPS,
                       greedy_tokens=GREEDY_TOKENS, batch=3, atol=ATOL)
-    print(f"\n[{name}]\n{report.format_table()}")
+    print(f"\n[{name}, {graph} graph]\n{report.format_table()}")
     return Exported(name, cfg, hf_dir, folder, report)
 
 

@@ -50,7 +50,7 @@ class ExportError(RuntimeError):
 @dataclass
 class ExportOptions:
     logits: str = "last"  # 'last': only the last position's logits (prefill never builds [seq, vocab])
-    optimize: bool = False  # fuse into ONNX Runtime kernels (export/fusions)
+    optimize: bool = False  # fuse into ONNX Runtime kernels (export/fusions); the CLI turns it on by default
     overwrite: bool = False
     parity_check: bool = True  # a short ORT-vs-torch check recorded in the report (small models only)
     precision: str = "fp32"  # compute dtype: fp32 | fp16 | bf16 (export/precision.py)
