@@ -6,8 +6,9 @@
     python tools/memory_context.py report  --dir /tmp/memctx --plot docs/memory_vs_context.png
 
 `measure` runs each (model, context) in a fresh process: it loads the model, gives it a state holding
-`context` tokens of K/V (random values: memory does not depend on them) and the recurrent state, and
-decodes 8 tokens; it records the RSS after loading, the peak RSS, and the state's bytes. For contexts up
+`context` tokens of K/V (zeros: memory does not depend on the values) and the recurrent state, and
+decodes 8 tokens; it records the RSS after loading, the peak RSS, and the state's bytes. (The state is
+staged in calloc'd zeros, which never become resident: the figures are the runtime's own.) For contexts up
 to 4096 it also prefills that many real tokens (chunks of 512) and records that peak, which checks the
 shortcut and shows the prefill workspace. `report` fits RSS = base + k · state bytes to the measurements
 and projects the 40-layer granite-4.0-h-tiny (attention at 4 layers) against a 40-layer all-attention
@@ -83,11 +84,10 @@ def _measure_once(folder: str, context: int, prefill: bool) -> dict[str, Any]:
             logits, st = s.step(ids[:, c:c + 512], np.ones((1, c + ids[:, c:c + 512].shape[1]), np.int64), st)
         res["prefill_s"] = time.perf_counter() - t
     else:
-        arrays = {}
-        for spec in io.state_specs(s.cfg):
-            shape = spec.concrete_shape(1, context)
-            arrays[spec.past_name] = (rng.standard_normal(shape, dtype=np.float32) if spec.kind in ("key", "value")
-                                      else np.zeros(shape, np.float32))
+        # np.zeros is calloc'd: its pages are never resident, so staging the state costs no RSS, and the
+        # figures are the runtime's own (memory does not depend on the values).
+        arrays = {spec.past_name: np.zeros(spec.concrete_shape(1, context), np.float32)
+                  for spec in io.state_specs(s.cfg)}
         st = s.state_from_numpy(arrays, context)
         del arrays
         logits = None
@@ -106,23 +106,29 @@ def _measure_once(folder: str, context: int, prefill: bool) -> dict[str, Any]:
 def cmd_measure(a: argparse.Namespace) -> None:
     path = Path(a.dir) / "measure.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    for model in MODELS:
+    models = dict(m.split("=", 1) for m in a.model) if a.model else {m: str(Path(a.dir) / m) for m in MODELS}
+    for model, folder in models.items():
         for ctx in a.contexts:
             for prefill in ((False, True) if ctx <= a.prefill_max else (False,)):
                 key = f"{model}/{ctx}/{'prefill' if prefill else 'state'}"
                 if key in results and not a.redo:
                     continue
-                cmd = [sys.executable, __file__, "_once", str(Path(a.dir) / model), str(ctx), str(int(prefill))]
+                cmd = [sys.executable, __file__, "_once", folder, str(ctx), str(int(prefill))]
                 p = subprocess.run(cmd, capture_output=True, text=True)
                 if p.returncode:
                     print(f"[measure] {key}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
                     continue
                 results[key] = json.loads(p.stdout.strip().splitlines()[-1])
+                results.setdefault("_folders", {})[model] = folder
                 r = results[key]
-                print(f"[measure] {key}: loaded {r['rss_loaded_mb']:.0f} MB, with state {r['rss_state_mb']:.0f} MB, "
-                      f"peak {r['peak_rss_mb']:.0f} MB, state {sum(r['state_bytes'].values()) / 2**20:.0f} MiB",
+                print(f"[measure] {key}: loaded {r['rss_loaded_mb']:.0f} MiB, with state {r['rss_state_mb']:.0f} MiB, "
+                      f"peak {r['peak_rss_mb']:.0f} MiB, state {sum(r['state_bytes'].values()) / 2**20:.0f} MiB",
                       file=sys.stderr, flush=True)
                 path.write_text(json.dumps(results, indent=2))
+
+
+def _model_bytes(folder: str) -> int:
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.startswith("model.onnx"))
 
 
 def cmd_report(a: argparse.Namespace) -> None:
@@ -131,56 +137,60 @@ def cmd_report(a: argparse.Namespace) -> None:
     from granite_onnx.models.config import ATTENTION, preset
 
     results = json.loads((Path(a.dir) / "measure.json").read_text())
-    contexts = sorted({int(k.split("/")[1]) for k in results})
-    # Fit peak RSS = base_model + k · state bytes over both models (decode from a given state).
+    folders = results.pop("_folders", {})
+    folders = {m: folders.get(m, str(Path(a.dir) / m)) for m in {k.split("/")[0] for k in results}}
+    contexts = sorted({int(k.split("/")[1]) for k in results if k.split("/")[0] in MODELS})
+
+    def peak(model: str, c: int) -> float | None:
+        r = results.get(f"{model}/{c}/state")
+        return None if r is None else r["peak_rss_mb"]
+
+    # 1. Fit the 4-layer measurements: peak RSS = model file + c + k · state.
     fit = {}
-    xs, ys = [], []
     for model in MODELS:
-        pts = [(sum(results[f"{model}/{c}/state"]["state_bytes"].values()) / 2**20, results[f"{model}/{c}/state"]["peak_rss_mb"])
-               for c in contexts if f"{model}/{c}/state" in results]
-        if len(pts) >= 2:
-            x, y = np.array(pts).T
-            k, b = np.polyfit(x, y, 1)
-            fit[model] = {"mb_per_state_mb": float(k), "base_mb": float(b)}
-            xs += list(x)
-            ys += list(y)
-    print("| context | hybrid (1 attention + 3 mamba): state | peak RSS | all attention (4): state | peak RSS | "
-          "RSS saved |\n|---|---|---|---|---|---|")
-    for c in contexts:
-        row = [f"{c:,}"]
-        peaks = []
+        pts = [(sum(results[f"{model}/{c}/state"]["state_bytes"].values()) / 2**20, peak(model, c))
+               for c in contexts if peak(model, c) is not None]
+        x, y = np.array(pts).T
+        k, base = np.polyfit(x, y, 1)
+        fit[model] = {"k": float(k), "base_mb": float(base), "file_mb": _model_bytes(folders[model]) / 2**20}
+    k = float(np.mean([f["k"] for f in fit.values()]))
+    c = float(np.mean([f["base_mb"] - f["file_mb"] for f in fit.values()]))
+    print("Measured, Granite-Tiny widths, 4 layers, int4 (peak RSS of a fresh process that decodes 8 tokens "
+          "after a state of `context` tokens):\n")
+    print("| context | hybrid (1 attention + 3 Mamba): state | peak RSS | 4 × attention: state | peak RSS | RSS saved |"
+          "\n|---|---|---|---|---|---|")
+    for ctx in contexts:
+        row, peaks = [f"{ctx:,}"], []
         for model in MODELS:
-            r = results.get(f"{model}/{c}/state")
-            if r is None:
-                row += ["—", "—"]
-                continue
-            row += [f"{sum(r['state_bytes'].values()) / 2**20:,.1f} MiB", f"{r['peak_rss_mb']:,.0f} MB"]
+            r = results[f"{model}/{ctx}/state"]
+            row += [f"{sum(r['state_bytes'].values()) / 2**20:,.1f} MiB", f"{r['peak_rss_mb']:,.0f} MiB"]
             peaks.append(r["peak_rss_mb"])
-        row.append(f"{100 * (1 - peaks[0] / peaks[1]):.0f} %" if len(peaks) == 2 else "—")
+        row.append(f"{100 * (1 - peaks[0] / peaks[1]):.0f} %")
         print("| " + " | ".join(row) + " |")
-    # 40 layers by formula: measured per-state-byte factor k and the int4 weights
-    k = float(np.mean([f["mb_per_state_mb"] for f in fit.values()])) if fit else 2.0
+    per_model = ", ".join(f"{m} k={f['k']:.2f}" for m, f in fit.items())
+    print(f"\nFit: peak RSS = model file + {c:,.0f} MiB + {k:.2f} × state (per model: {per_model}).\n")
+
+    # 2. Project 40 layers by that formula; check it against the measured 40-layer model if there is one.
     tiny = preset("granite-4.0-h-tiny")
-    full_attn = dataclasses.replace(tiny, layer_types=(ATTENTION,) * tiny.num_layers)
-    weights_mb = {m: c.num_parameters() * (0.5 + 4 / 32) / 2**20 for m, c in (("hybrid", tiny), ("attention", full_attn))}
-    overhead = float(np.mean([f["base_mb"] for f in fit.values()])) - preset("tiny-4L").num_parameters() * (0.5 + 4 / 32) / 2**20 if fit else 0
+    attn40 = dataclasses.replace(tiny, layer_types=(ATTENTION,) * tiny.num_layers)
+    measured_40 = "h-tiny-40L" if any(key.startswith("h-tiny-40L/") for key in results) else None
+    w_tiny = (_model_bytes(folders[measured_40]) / 2**20 if measured_40 else
+              tiny.num_parameters() * (0.5 + 4 / 32) / 2**20)
+    w_attn = w_tiny * attn40.num_parameters() / tiny.num_parameters()  # int4 bytes ∝ parameters
     proj = {}
-    print(f"\n40 layers (int4 block 32 weights; runtime base {overhead:,.0f} MB and {k:.2f} MB of RSS per MB of state, "
-          "both fitted on the 4-layer measurements)\n")
-    print("| context | granite-4.0-h-tiny: state | RSS | 40 × attention: state | RSS | RSS saved | state saved |\n"
-          "|---|---|---|---|---|---|---|")
-    for c in sorted(set(contexts) | {131072}):
-        row, rss, st = [f"{c:,}"], [], []
-        for m, cfg in (("hybrid", tiny), ("attention", full_attn)):
-            sb = sum(state_bytes(cfg, c).values()) / 2**20
-            r = weights_mb[m] + overhead + k * sb
-            row += [f"{sb:,.0f} MiB", f"{r / 1024:,.2f} GB"]
-            rss.append(r)
-            st.append(sb)
-        row += [f"{100 * (1 - rss[0] / rss[1]):.0f} %", f"{100 * (1 - st[0] / st[1]):.0f} %"]
-        proj[c] = {"hybrid_mb": rss[0], "attention_mb": rss[1], "hybrid_state_mib": st[0], "attention_state_mib": st[1]}
-        print("| " + " | ".join(row) + " |")
-    (Path(a.dir) / "report.json").write_text(json.dumps({"fit": fit, "k": k, "overhead_mb": overhead,
+    print("| context | granite-4.0-h-tiny (4 of 40 attention): state | RSS projected | RSS measured | "
+          "40 × attention: state | RSS projected | RSS saved | state saved |\n|---|---|---|---|---|---|---|---|")
+    for ctx in sorted(set(contexts) | {131072}):
+        s_h, s_a = (sum(state_bytes(cfg, ctx).values()) / 2**20 for cfg in (tiny, attn40))
+        r_h, r_a = w_tiny + c + k * s_h, w_attn + c + k * s_a
+        meas = peak(measured_40, ctx) if measured_40 else None
+        proj[ctx] = {"hybrid_mb": r_h, "attention_mb": r_a, "hybrid_state_mib": s_h, "attention_state_mib": s_a,
+                     "hybrid_measured_mb": meas}
+        shown = "—" if meas is None else f"{meas / 1024:,.2f} GiB"
+        print(f"| {ctx:,} | {s_h:,.0f} MiB | {r_h / 1024:,.2f} GiB | {shown} "
+              f"| {s_a:,.0f} MiB | {r_a / 1024:,.2f} GiB | {100 * (1 - r_h / r_a):.0f} % | {100 * (1 - s_h / s_a):.0f} % |")
+    (Path(a.dir) / "report.json").write_text(json.dumps({"fit": fit, "k": k, "overhead_mb": c,
+                                                          "weights_mb": {"hybrid": w_tiny, "attention": w_attn},
                                                           "projection_40L": proj}, indent=2))
     if a.plot:
         _plot(results, contexts, proj, Path(a.plot))
@@ -197,13 +207,17 @@ def _plot(results: dict[str, Any], contexts: list[int], proj: dict[int, Any], ou
                                 ("attention", "every layer attention", "s--")):
         cs = [c for c in contexts if f"{model}/{c}/state" in results]
         ax1.plot(cs, [results[f"{model}/{c}/state"]["peak_rss_mb"] / 1024 for c in cs], style, label=label)
-    ax1.set(xscale="log", xlabel="context (tokens)", ylabel="peak RSS (GB)",
+    ax1.set(xscale="log", xlabel="context (tokens)", ylabel="peak RSS (GiB)",
             title="measured: Granite-Tiny widths, 4 layers, int4")
     ax1.legend()
     cs = sorted(proj)
     ax2.plot(cs, [proj[c]["hybrid_mb"] / 1024 for c in cs], "o-", label="granite-4.0-h-tiny (4 of 40 attention)")
     ax2.plot(cs, [proj[c]["attention_mb"] / 1024 for c in cs], "s--", label="40 attention layers, same widths")
-    ax2.set(xscale="log", xlabel="context (tokens)", ylabel="RSS (GB)", title="projected: 40 layers, int4, batch 1")
+    meas = [(c, proj[c]["hybrid_measured_mb"]) for c in cs if proj[c].get("hybrid_measured_mb")]
+    if meas:
+        ax2.plot([c for c, _ in meas], [m / 1024 for _, m in meas], "kx", markersize=9,
+                 label="granite-4.0-h-tiny int4, measured")
+    ax2.set(xscale="log", xlabel="context (tokens)", ylabel="RSS (GiB)", title="40 layers, int4, batch 1: formula (lines), measured (×)")
     ax2.legend()
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
@@ -228,6 +242,8 @@ def main() -> None:
     m.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     m.add_argument("--prefill-max", type=int, default=4096, help="also prefill real tokens up to this context")
     m.add_argument("--redo", action="store_true")
+    m.add_argument("--model", action="append", help="NAME=DIR to measure instead of DIR/hybrid and DIR/attention "
+                   "(e.g. h-tiny-40L=/tmp/h-tiny-int4: checks the 40-layer projection)")
     m.set_defaults(fn=cmd_measure)
     r = sub.add_parser("report")
     r.add_argument("--dir", required=True)
