@@ -33,12 +33,16 @@ from granite_onnx.export.fusions import (
     fuse_model_file,
     fuse_moe,
     fuse_rms_norm,
+    fuse_scale_fold,
     fuse_skip_rms_norm,
     fuse_ssm_scan,
+    fuse_static_shapes,
     portable_calls,
 )
 from granite_onnx.export.fusions._common import ORT_DOMAIN, PORTABLE_DOMAIN
+from granite_onnx.export.fusions.cleanup import cleanup
 from granite_onnx.export.fusions.moe import interleave_gate_up
+from granite_onnx.export.fusions.static_shapes import DimClasses, static_target
 from granite_onnx.models import kernels
 from granite_onnx.models.config import ATTENTION, MAMBA, HybridConfig, preset
 from granite_onnx.models.weights import RandomWeights
@@ -53,6 +57,8 @@ REPLACES = {
     "moe": ({"MoE"}, {"MoE"}),
     "attention": ({"Attention"}, {"GroupQueryAttention"}),
     "norms": (set(), {"SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"}),
+    "fold": (set(), set()),  # a Mul folded into a weight: counted, and the outputs compared
+    "shapes": (set(), set()),  # Reshape stays Reshape: its target becomes a constant (see _dynamic_reshapes)
 }
 
 
@@ -147,6 +153,11 @@ def _ops(model: ir.Model) -> set[tuple[str, str]]:
     return {(n.domain, n.op_type) for n in model.graph.all_nodes()}
 
 
+def _dynamic_reshapes(model: ir.Model) -> list[str]:
+    return [n.name for n in model.graph.all_nodes()
+            if n.op_type == "Reshape" and n.inputs[1] is not None and n.inputs[1].const_value is None]
+
+
 def _expected_counts(cfg: HybridConfig, logits: str = "all") -> dict[str, int]:
     n_mamba = cfg.layer_types.count(MAMBA)
     layers = cfg.num_layers
@@ -181,7 +192,10 @@ def test_each_fusion_fires_and_keeps_outputs(models: dict[str, Portable], fusion
     path, counts = _fused(portable, tmp_path, (fusion,))
     expected = _expected_counts(portable.cfg)
     fired = {k: v for k, v in counts.items() if k != "cleanup" and v}
-    assert fired and all(expected[k] == v for k, v in fired.items()), (counts, expected)
+    if fusion in ("shapes", "fold"):  # how often they fire depends on the fusions before them
+        assert fired and set(fired) <= {"static_reshape", "drop_reshape", "scale_fold"}, counts
+    else:
+        assert fired and all(expected[k] == v for k, v in fired.items()), (counts, expected)
     model = ir.load(path)
     gone, made = REPLACES[fusion]
     ops = _ops(model)
@@ -197,8 +211,17 @@ def test_fuse_all(models: dict[str, Portable], name: str, tmp_path: Path) -> Non
     portable = models[name]
     path, counts = _fused(portable, tmp_path, ALL_FUSIONS)
     print(counts)
-    assert {k: v for k, v in counts.items() if k != "cleanup"} == _expected_counts(portable.cfg)
+    assert {k: v for k, v in counts.items() if k not in ("cleanup", "static_reshape", "drop_reshape", "scale_fold")} == \
+        _expected_counts(portable.cfg)
     model = ir.load(path)
+    # every Mamba layer's head split/merge reshapes get constant targets, and their Shape/Concat go
+    left = _dynamic_reshapes(model)
+    print("dynamic Reshape targets left:", left)
+    assert counts["static_reshape"] >= 4 * portable.cfg.layer_types.count(MAMBA)
+    assert not [n for n in left if "/mamba/" in n]
+    # each Mamba layer: the gated-norm weight and the residual multiplier go into out_proj
+    assert counts["scale_fold"] >= 2 * portable.cfg.layer_types.count(MAMBA)
+    assert counts["drop_reshape"] >= 1
     ops = _ops(model)
     assert portable_calls(model) == [] and not model.functions
     assert not {op for _, op in ops} & {"Scan", "Loop", "RMSNormalization"}
@@ -312,3 +335,88 @@ def test_skip_norm_refuses_a_broadcasting_add() -> None:
     assert "broadcasts" in reasons["/model/RMSNorm"]
     assert fuse_skip_rms_norm(model) == 0
     assert fuse_rms_norm(model) == 1  # the norm alone still fuses
+
+
+def _reshape_model(x_shape: tuple, y_shape: tuple, source: ir.Value | None = None) -> ir.Model:
+    """Reshape(x, Concat(Shape(source)[0:2], [4, 4])) — the traced form of `x.view(b, t, 4, 4)`."""
+    x = _value("x", F32, x_shape)
+    source = source or x
+    shape = ir.node("Shape", [source], attributes={"start": 0, "end": 2}, name="/model/Shape")
+    heads = ir.Value(name="heads", const_value=ir.tensor(np.array([4, 4], np.int64), name="heads"))
+    target = ir.node("Concat", [shape.outputs[0], heads], attributes={"axis": 0}, name="/model/Concat")
+    reshape = ir.node("Reshape", [x, target.outputs[0]], attributes={"allowzero": 1}, name="/model/Reshape")
+    reshape.outputs[0].name, reshape.outputs[0].shape = "y", ir.Shape(y_shape)
+    reshape.outputs[0].type = ir.TensorType(F32)
+    inputs = [x] if source is x else [x, source]
+    graph = ir.Graph(inputs, [reshape.outputs[0]], nodes=[shape, target, reshape], initializers=[heads],
+                     opset_imports={"": 23})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_static_reshape_gets_a_constant_target_with_the_same_outputs(tmp_path: Path) -> None:
+    model = _reshape_model(("b", "t", 16), ("b", "t", 4, 4))
+    before = tmp_path / "before.onnx"
+    ir.save(model, before)
+    assert fuse_static_shapes(model) == 1
+    cleanup(model)
+    assert {n.op_type for n in model.graph} == {"Reshape"}  # Shape and Concat fell out
+    (node,) = model.graph
+    assert node.inputs[1].const_value.numpy().tolist() == [0, 0, 4, 4]
+    after = tmp_path / "after.onnx"
+    ir.save(model, after)
+    x = np.random.default_rng(0).standard_normal((3, 5, 16)).astype(np.float32)
+    want = _session(before).run(None, {"x": x})[0]
+    got = _session(after).run(None, {"x": x})[0]
+    assert want.shape == got.shape == (3, 5, 4, 4) and np.array_equal(want, got)
+
+
+def test_static_reshape_refuses_two_dims_it_cannot_tie_to_its_input() -> None:
+    # [n, 16] → [b, t, 4, 4] with n = b·t: one -1 cannot stand for both b and t
+    model = _reshape_model(("n", 16), ("b", "t", 4, 4), source=_value("s", F32, ("b", "t", 16)))
+    (reshape,) = [n for n in model.graph if n.op_type == "Reshape"]
+    target, why = static_target(reshape, DimClasses(model))
+    assert target is None and "2 dims not shared" in why
+    assert fuse_static_shapes(model) == 0
+
+
+def _scaled_matmul_model(shared: bool) -> tuple[ir.Model, ir.Value]:
+    """y = MatMul(Mul(x, s), W) · c (+ MatMul(x, W) when `shared`): the two scale folds' shapes."""
+    rng = np.random.default_rng(3)
+    x = _value("x", F32, ("b", "t", 8))
+    s, c, w = (_weight(n, shape) for n, shape in (("s", (8,)), ("c", ()), ("W", (8, 6))))
+    s.const_value = ir.tensor(rng.standard_normal(8).astype(np.float32), name="s")
+    c.const_value = ir.tensor(np.float32(0.37), name="c")
+    w.const_value = ir.tensor(rng.standard_normal((8, 6)).astype(np.float32), name="W")
+    mul = ir.node("Mul", [x, s], name="/model/norm/Mul")
+    mm = ir.node("MatMul", [mul.outputs[0], w], name="/model/out_proj/MatMul")
+    scale = ir.node("Mul", [mm.outputs[0], c], name="/model/residual/Mul")
+    nodes, outs = [mul, mm, scale], [scale.outputs[0]]
+    if shared:
+        other = ir.node("MatMul", [x, w], name="/model/other/MatMul")
+        nodes.append(other)
+        outs.append(other.outputs[0])
+    for i, o in enumerate(outs):
+        o.name = f"y{i}"
+    graph = ir.Graph([x], outs, nodes=nodes, initializers=[s, c, w], opset_imports={"": 23})
+    return ir.Model(graph, ir_version=10), x
+
+
+def test_scale_fold_moves_both_scales_into_the_weight(tmp_path: Path) -> None:
+    model, _ = _scaled_matmul_model(shared=False)
+    ir.save(model, tmp_path / "before.onnx")
+    assert fuse_scale_fold(model) == 2
+    cleanup(model)
+    assert [n.op_type for n in model.graph] == ["MatMul"]
+    ir.save(model, tmp_path / "after.onnx")
+    x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
+    want = _session(tmp_path / "before.onnx").run(None, {"x": x})[0]
+    got = _session(tmp_path / "after.onnx").run(None, {"x": x})[0]
+    print("max |diff|", np.abs(want - got).max())
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_scale_fold_refuses_a_weight_another_node_reads() -> None:
+    model, _ = _scaled_matmul_model(shared=True)
+    reasons = explain(model, fusions=("fold",))
+    assert any("read by 2 nodes" in r for r in reasons.values()), reasons
+    assert fuse_scale_fold(model) == 0

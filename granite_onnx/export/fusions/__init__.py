@@ -8,15 +8,23 @@
 | attention | granite_onnx.Attention              | GroupQueryAttention(do_rotary=0)           | attention.py |
 | norms     | Add + RMSNormalization              | SkipSimplifiedLayerNormalization           | norms.py     |
 |           | RMSNormalization                    | SimplifiedLayerNormalization (ONNX domain) | norms.py     |
+| fold      | MatMul(Mul(x, s)), Mul(MatMul, c)   | MatMul with the scale in its weight        | scale_fold.py |
+| shapes    | Reshape(x, Concat(Shape(..), ..))   | Reshape(x, constant with 0 / -1)           | static_shapes.py |
+|           | identity, chained, MoE-flatten Reshapes | — (removed)                            | static_shapes.py |
 | (always)  | orphaned functions/weights, consts  | —                                          | cleanup.py   |
 
 Order (`fuse_all`): shape inference once (the checks read static heads/dims), then scan, moe,
-attention, norms, cleanup. The kernel fusions are one-node patterns and independent of each other;
-norms run after them so that the Adds they absorb are final, and cleanup runs last because it removes
-what the others orphaned (the portable functions, the old MoE and conv weights) and merges the
+attention, norms, fold, shapes, cleanup. The kernel fusions are one-node patterns and independent of
+each other; norms run after them so that the Adds they absorb are final; fold (constant Muls into
+MatMul weights) sees the final Muls; shapes reads the shapes of the contrib ops' outputs and leaves the
+Shape/Concat subgraphs dead; cleanup runs last because it removes what the others orphaned (the
+portable functions, the old MoE, conv and folded weights, the dead shape arithmetic) and merges the
 per-layer copies of the attention-mask arithmetic. Each fusion returns how often it fired; a call
 node it refused stays (ONNX Runtime inlines its portable function), and `explain(model)` says why
 (fuse_all logs it at INFO).
+
+The last two exist for decode speed: a one-token step of a small model is bound by the number of
+kernels, not by arithmetic (see BENCHMARKS.md, "Fused vs HF eager").
 
 With every fusion firing, the fused graph holds no `granite_onnx.*` node and no Scan/Loop.
 """
@@ -38,11 +46,13 @@ from granite_onnx.export.fusions.attention import attention_rules, fuse_attentio
 from granite_onnx.export.fusions.cleanup import cleanup
 from granite_onnx.export.fusions.moe import fuse_moe, moe_rules
 from granite_onnx.export.fusions.norms import fuse_rms_norm, fuse_skip_rms_norm, rms_norm_rules, skip_rms_norm_rules
+from granite_onnx.export.fusions.scale_fold import fuse_scale_fold, scale_fold_rules
 from granite_onnx.export.fusions.scan import causal_conv_rules, fuse_causal_conv, fuse_ssm_scan, ssm_scan_rules
+from granite_onnx.export.fusions.static_shapes import fuse_drop_reshapes, fuse_static_shapes
 
 log = logging.getLogger(__name__)
 
-ALL_FUSIONS = ("scan", "moe", "attention", "norms")
+ALL_FUSIONS = ("scan", "moe", "attention", "norms", "fold", "shapes")
 
 # fusion name → (count key, rewrite) in the order they run
 _STEPS: dict[str, list[tuple[str, Callable[[ir.Model], int]]]] = {
@@ -50,6 +60,8 @@ _STEPS: dict[str, list[tuple[str, Callable[[ir.Model], int]]]] = {
     "moe": [("moe", fuse_moe)],
     "attention": [("attention", fuse_attention)],
     "norms": [("skip_rms_norm", fuse_skip_rms_norm), ("rms_norm", fuse_rms_norm)],
+    "fold": [("scale_fold", fuse_scale_fold)],
+    "shapes": [("static_reshape", fuse_static_shapes), ("drop_reshape", fuse_drop_reshapes)],
 }
 
 _RULES: dict[str, pattern.RewriteRuleSet] = {
@@ -59,6 +71,7 @@ _RULES: dict[str, pattern.RewriteRuleSet] = {
     "attention": attention_rules,
     "skip_rms_norm": skip_rms_norm_rules,
     "rms_norm": rms_norm_rules,
+    "scale_fold": scale_fold_rules,
 }
 
 __all__ = [
@@ -71,8 +84,11 @@ __all__ = [
     "fuse_model_file",
     "fuse_moe",
     "fuse_rms_norm",
+    "fuse_scale_fold",
     "fuse_skip_rms_norm",
     "fuse_ssm_scan",
+    "fuse_static_shapes",
+    "fuse_drop_reshapes",
     "portable_calls",
 ]
 
@@ -88,6 +104,8 @@ def explain(model: ir.Model, *, fusions: Sequence[str] = ALL_FUSIONS) -> dict[st
     reasons: dict[str, str] = {}
     for name in fusions:
         for key, _ in _STEPS[name]:
+            if key not in _RULES:  # not a pattern rewrite (static_reshape): it refuses no call node
+                continue
             tracer = MatchingTracer()
             _RULES[key].apply_to_model(model, tracer=tracer)
             for matches in tracer.best_matches_map.values():
@@ -100,7 +118,8 @@ def explain(model: ir.Model, *, fusions: Sequence[str] = ALL_FUSIONS) -> dict[st
 def fuse_all(model: ir.Model, *, fusions: Sequence[str] = ALL_FUSIONS) -> dict[str, int]:
     """Apply `fusions` (a subset of ALL_FUSIONS) and cleanup in place; return the count of each rewrite.
 
-    Keys: causal_conv, ssm_scan, moe, attention, skip_rms_norm, rms_norm (0 when not requested), and
+    Keys: causal_conv, ssm_scan, moe, attention, skip_rms_norm, rms_norm, scale_fold, static_reshape,
+    drop_reshape (0 when not requested), and
     `cleanup`: nodes and functions it removed.
     """
     unknown = [f for f in fusions if f not in _STEPS]
@@ -112,6 +131,13 @@ def fuse_all(model: ir.Model, *, fusions: Sequence[str] = ALL_FUSIONS) -> dict[s
         for key, fuse in _STEPS[name]:
             counts[key] = fuse(model) if name in fusions else 0
     counts["cleanup"] = cleanup(model)
+    if "shapes" in fusions:
+        # cleanup's folding and de-duplication expose a few more (chained reshapes whose middle target
+        # was not yet a constant): one more pass
+        extra = fuse_drop_reshapes(model)
+        if extra:
+            counts["drop_reshape"] += extra
+            counts["cleanup"] += cleanup(model)
     left = portable_calls(model)
     if left:
         why = explain(model, fusions=fusions)
