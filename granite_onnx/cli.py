@@ -82,7 +82,9 @@ def cmd_export(a: argparse.Namespace) -> int:
         print(f"exported to {a.out}: {report['num_parameters'] / 1e6:.1f}M parameters, {fmt}, graph {report['graph']}, "
               f"{report['size_bytes'] / 2**20:.1f} MiB, {report['timings_s']['total_s']:.1f} s, "
               f"peak RSS {report['peak_rss_mb']:.0f} MB"
-              + (f", parity max |Δ| {par['worst']:.2e}" if "worst" in par else ""))
+              + (f", parity max |Δ| {par['worst']:.2e}" if "worst" in par else "")
+              + (" (vs float32: the format's own error; `granite-onnx validate --reference` measures its accuracy)"
+                 if "worst" in par and fmt != "fp32" else ""))
     return 0
 
 
