@@ -113,7 +113,8 @@ def _interleaved(folders: dict[str, str], threads: int, prompt_len: int, bursts:
 
     runs = {}
     for name, folder in folders.items():
-        s = GraniteSession(folder, threads=threads)
+        # no spinning: an idle session's spinning workers would steal the cores of the one decoding
+        s = GraniteSession(folder, threads=threads, spin=False)
         ids = np.random.default_rng(0).integers(0, s.cfg.vocab_size, (1, prompt_len))
         st = s.new_state(1)
         logits, st = s.step(ids, np.ones_like(ids), st)
