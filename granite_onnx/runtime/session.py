@@ -227,6 +227,11 @@ class GraniteSession:
         self.path = Path(path)
         self.cfg, self.meta = read_folder_config(self.path)
         providers, self.device = _providers(ort, provider)
+        from granite_onnx.export.precision import provider_problem  # torch-free, onnx-free
+
+        why = provider_problem(self.meta, self.device)
+        if why:  # e.g. bf16 or fp8 weights on the CPU: refuse before ONNX Runtime's NOT_IMPLEMENTED
+            raise RuntimeError_(why)
         if optimization not in ("all", "basic", "none"):
             raise RuntimeError_(f"unknown optimization level {optimization!r}; use 'all', 'basic' or 'none'")
         so = ort.SessionOptions()
