@@ -28,6 +28,7 @@ from typing import Any, Callable
 import onnx
 
 from granite_onnx.export import io
+from granite_onnx.export.folder import ExportError, atomic_folder, check_destination
 from granite_onnx.export.compose import DATA_FILE, compose
 from granite_onnx.export.precision import FormatError, WeightFormat, cpu_note, needs_cuda
 from granite_onnx.models.config import HybridConfig
@@ -41,10 +42,6 @@ GENAI_CONFIG = "genai_config.json"
 REPORT = "export_report.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
-
-
-class ExportError(RuntimeError):
-    """An export that cannot proceed; the message says why and how to fix it."""
 
 
 @dataclass
@@ -204,10 +201,7 @@ def export(*, model: str | Path | None = None, preset_name: str | None = None, s
     say = progress or (lambda s: log.info(s))
     fmt = opts.weight_format()
     out = Path(out)
-    if out.exists() and not opts.overwrite:
-        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder")
+    check_destination(out, opts.overwrite)
     t0 = time.perf_counter()
     src = source if source is not None else open_weights(model, preset_name, seed, layers)
     cfg = src.cfg
@@ -226,11 +220,7 @@ def export(*, model: str | Path | None = None, preset_name: str | None = None, s
             "refuse it")
     elif cpu_note(fmt):
         say(f"note: {cpu_note(fmt)}")
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out, overwrite=opts.overwrite) as tmp:
         say(f"exporting {cfg.name}: {cfg.num_layers} layers ({', '.join(cfg.layer_types)}), "
             f"{cfg.num_parameters() / 1e6:.1f}M parameters, weights {fmt.describe()}")
         res = compose(cfg, src, tmp / DATA_FILE, logits=opts.logits, progress=say, fmt=fmt)
@@ -289,17 +279,6 @@ def export(*, model: str | Path | None = None, preset_name: str | None = None, s
         report["peak_rss_mb"] = round(peak_rss_mb(), 1)
         report["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir())
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
-        # Atomic swap into place.
-        if out.exists():
-            old = parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        say(f"wrote {out} ({report['size_bytes'] / 2**20:.1f} MiB) in {report['timings_s']['total_s']:.1f} s, "
-            f"peak RSS {report['peak_rss_mb']:.0f} MB")
-        return report
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    say(f"wrote {out} ({report['size_bytes'] / 2**20:.1f} MiB) in {report['timings_s']['total_s']:.1f} s, "
+        f"peak RSS {report['peak_rss_mb']:.0f} MB")
+    return report

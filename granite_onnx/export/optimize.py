@@ -8,7 +8,6 @@ fusion counts and the op histograms before and after.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Any
 
 import onnx
 
-from granite_onnx.export.exporter import GRANITE_CONFIG, MODEL_FILE, REPORT, ExportError, op_histogram
+from granite_onnx.export.exporter import GRANITE_CONFIG, MODEL_FILE, REPORT, op_histogram
+from granite_onnx.export.folder import ExportError, atomic_folder
 
 _COPY_SKIP = {MODEL_FILE, "model.onnx.data"}
 
@@ -28,17 +28,10 @@ def optimize_folder(in_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
     if not (src / MODEL_FILE).exists() or not (src / GRANITE_CONFIG).exists():
         raise ExportError(f"{src} is not a granite-onnx model folder (no {MODEL_FILE}/{GRANITE_CONFIG}); "
                           "export one with `granite-onnx export --portable`")
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
     meta = json.loads((src / GRANITE_CONFIG).read_text())
     if meta.get("graph") == "fused":
         raise ExportError(f"{src} is already fused; optimize a portable folder")
-    parent = out.parent if str(out.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out, overwrite=overwrite) as tmp:
         t = time.perf_counter()
         before = op_histogram(onnx.load(str(src / MODEL_FILE), load_external_data=False))
         counts = fuse_model_file(src / MODEL_FILE, tmp / MODEL_FILE)
@@ -52,14 +45,4 @@ def optimize_folder(in_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
                        "op_histogram": op_histogram(onnx.load(str(tmp / MODEL_FILE), load_external_data=False))})
         report.setdefault("timings_s", {})["fuse_s"] = round(time.perf_counter() - t, 3)
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
-        if out.exists():
-            old = parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        return report
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return report

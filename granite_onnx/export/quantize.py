@@ -33,12 +33,15 @@ a single-token micro-benchmark at Granite-Tiny widths (2 threads, D=1536, 62 exp
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from onnx import NodeProto, helper
@@ -549,11 +552,7 @@ def optimize_with_format(in_dir: str | Path, out_dir: str | Path, *, precision: 
     Written atomically like every model folder. The precision of a folder cannot change here (it is
     the dtype its layers were traced in): asking for another one is an error that says to re-export.
     """
-    import json
-    import os
-    import shutil
-
-    from granite_onnx.export.exporter import GRANITE_CONFIG, MODEL_FILE, REPORT, ExportError, op_histogram
+    from granite_onnx.export.exporter import GRANITE_CONFIG, MODEL_FILE, ExportError
     from granite_onnx.models.config import HybridConfig
 
     src, out = Path(in_dir), Path(out_dir)
@@ -577,33 +576,35 @@ def optimize_with_format(in_dir: str | Path, out_dir: str | Path, *, precision: 
         from granite_onnx.export.optimize import optimize_folder
 
         return optimize_folder(src, out, overwrite=overwrite)
-    parent = out.parent if str(out.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{out.name}.quant-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        counts = quantize_model_file(src / MODEL_FILE, tmp / MODEL_FILE, fmt)
-        for f in src.iterdir():
-            if f.is_file() and f.name not in (MODEL_FILE, "model.onnx.data"):
-                shutil.copy2(f, tmp / f.name)
-        meta["weights"] = fmt.to_json()
-        (tmp / GRANITE_CONFIG).write_text(json.dumps(meta, indent=2))
-        report = json.loads((src / REPORT).read_text()) if (src / REPORT).exists() else {}
-        report.update({"weights": fmt.to_json(), "quantize_counts": counts,
-                       "op_histogram": op_histogram(onnx_load_no_data(tmp / MODEL_FILE))})
-        (tmp / REPORT).write_text(json.dumps(report, indent=2))
-        if meta.get("graph") == "fused":
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-            return report
+    from granite_onnx.export.folder import atomic_folder
+
+    if meta.get("graph") == "fused":
+        with atomic_folder(out, overwrite=overwrite, tag="quant") as tmp:
+            report = _quantize_into(src, tmp, meta, fmt)
+        return report
+    # A portable folder: quantize beside it, then fuse into `out` (optimize_folder writes atomically).
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.quant-") as t:
+        _quantize_into(src, Path(t), meta, fmt)
         from granite_onnx.export.optimize import optimize_folder
 
-        report = optimize_folder(tmp, out, overwrite=overwrite)
-        return report
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return optimize_folder(Path(t), out, overwrite=overwrite)
+
+
+def _quantize_into(src: Path, tmp: Path, meta: dict[str, Any], fmt: WeightFormat) -> dict[str, Any]:
+    from granite_onnx.export.exporter import GRANITE_CONFIG, MODEL_FILE, REPORT, op_histogram
+
+    counts = quantize_model_file(src / MODEL_FILE, tmp / MODEL_FILE, fmt)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in (MODEL_FILE, "model.onnx.data"):
+            shutil.copy2(f, tmp / f.name)
+    meta["weights"] = fmt.to_json()
+    (tmp / GRANITE_CONFIG).write_text(json.dumps(meta, indent=2))
+    report = json.loads((src / REPORT).read_text()) if (src / REPORT).exists() else {}
+    report.update({"weights": fmt.to_json(), "quantize_counts": counts,
+                   "op_histogram": op_histogram(onnx_load_no_data(tmp / MODEL_FILE))})
+    (tmp / REPORT).write_text(json.dumps(report, indent=2))
+    return report
 
 
 def onnx_load_no_data(path: Path) -> "onnx.ModelProto":  # noqa: F821
