@@ -161,9 +161,23 @@ def fuse_model_file(in_path: Path, out_path: Path, **kw: object) -> dict[str, in
                          "weights it is read from; write the fused model to another folder")
     t0 = time.perf_counter()
     model = ir.load(in_path)
+    # The source weights are memory-mapped; pages read while writing stay resident until the map is
+    # closed, so without this the process RSS grows to the whole model file. Close every map after each
+    # tensor is written (a later read maps the file again); one writer thread keeps that safe.
+    sources = [v.const_value for v in model.graph.initializers.values()
+               if isinstance(v.const_value, ir.ExternalTensor)]
     counts = fuse_all(model, **kw)  # type: ignore[arg-type]
     model.metadata_props["granite_onnx.fusions"] = json.dumps(counts)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    ir.save(model, out_path, external_data=data_name)
+
+    def release_sources(_tensor: object, _info: object) -> None:
+        for t in sources:
+            try:
+                t.release()
+            except BufferError:  # still referenced by an array in flight: closed on a later call
+                pass
+
+    ir.save(model, out_path, external_data=data_name, callback=release_sources, max_workers=1,
+            max_in_flight_bytes=256 << 20)
     log.info("fused %s → %s in %.1f s: %s", in_path, out_path, time.perf_counter() - t0, counts)
     return counts
