@@ -11,7 +11,6 @@ and not counted.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -56,19 +55,10 @@ def load_reference(model_dir: Path, reference: str, seed: int | None, layers: in
     import torch
     import transformers
 
-    from granite_onnx.models.config import preset
-    from granite_onnx.models.weights import RandomWeights, save_hf_folder
+    from granite_onnx.models.weights import HFWeights, reference_source, save_hf_folder
 
-    ref = Path(reference)
-    if not ref.is_dir():
-        src_info = {}
-        rep = model_dir / "export_report.json"
-        if rep.exists():
-            src_info = json.loads(rep.read_text()).get("source") or {}
-            src_info = src_info if isinstance(src_info, dict) else {}
-        seed = seed if seed is not None else int(src_info.get("seed", 0))
-        layers = layers if layers is not None else src_info.get("layers")
-        ref = save_hf_folder(RandomWeights(preset(reference, layers=layers), seed), tmp / "reference")
+    src = reference_source(model_dir, reference, seed, layers)
+    ref = src.folder if isinstance(src, HFWeights) else save_hf_folder(src, tmp / "reference")
     return transformers.AutoModelForCausalLM.from_pretrained(str(ref), dtype=torch.float32).eval()
 
 

@@ -128,20 +128,9 @@ class OrtStepper:
 
 
 def _reference_source(model_dir: Path, reference: str | Path, seed: int | None, layers: int | None) -> Any:
-    from granite_onnx.models.config import preset
-    from granite_onnx.models.weights import HFWeights, RandomWeights
+    from granite_onnx.models.weights import reference_source
 
-    ref = Path(reference)
-    if ref.is_dir():
-        return HFWeights(ref)
-    src_info: dict[str, Any] = {}
-    rep = model_dir / "export_report.json"
-    if rep.exists():
-        s = json.loads(rep.read_text()).get("source")
-        src_info = s if isinstance(s, dict) else {}
-    seed = seed if seed is not None else int(src_info.get("seed", 0))
-    layers = layers if layers is not None else src_info.get("layers")
-    return RandomWeights(preset(str(reference), layers=layers), seed)
+    return reference_source(model_dir, reference, seed, layers)
 
 
 def reference_logits(src: Any, tokens: np.ndarray) -> np.ndarray:

@@ -293,6 +293,25 @@ def open_source(model: str | Path | None = None, *, preset_name: str | None = No
     return RandomWeights(preset(preset_name, layers=layers), seed)
 
 
+def reference_source(model_dir: str | Path, reference: str | Path, seed: int | None = None,
+                     layers: int | None = None) -> WeightSource:
+    """The float32 weights an exported folder is compared with: an HF checkpoint folder, or a preset name
+    whose seed and layer count default to those in the folder's export_report.json."""
+    from granite_onnx.models.config import preset
+
+    ref = Path(reference)
+    if ref.is_dir():
+        return HFWeights(ref)
+    info: dict = {}
+    rep = Path(model_dir) / "export_report.json"
+    if rep.exists():
+        s = json.loads(rep.read_text()).get("source")
+        info = s if isinstance(s, dict) else {}
+    seed = seed if seed is not None else int(info.get("seed", 0))
+    layers = layers if layers is not None else info.get("layers")
+    return RandomWeights(preset(str(reference), layers=layers), seed)
+
+
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
