@@ -74,11 +74,6 @@ class StateSpec:
         return tuple(out)
 
 
-def conv_dim(cfg: HybridConfig) -> int:
-    """Channels of the depthwise conv: x, B and C together (mamba_expand·hidden + 2·n_groups·d_state)."""
-    return cfg.mamba_d_inner + 2 * cfg.mamba_n_groups * cfg.mamba_d_state
-
-
 def state_specs(cfg: HybridConfig, *, present: bool = False) -> list[StateSpec]:
     """Every state tensor of the model, in layer order (attention: key, value; mamba: conv, recurrent)."""
     specs: list[StateSpec] = []
@@ -91,7 +86,7 @@ def state_specs(cfg: HybridConfig, *, present: bool = False) -> list[StateSpec]:
         else:
             specs.append(
                 StateSpec(i, "conv_state", PAST_CONV % i, PRESENT_CONV % i,
-                          (BATCH, conv_dim(cfg), cfg.mamba_d_conv - 1), False)
+                          (BATCH, cfg.conv_dim, cfg.mamba_d_conv - 1), False)
             )
             specs.append(
                 StateSpec(i, "recurrent_state", PAST_RECURRENT % i, PRESENT_RECURRENT % i,
