@@ -25,3 +25,13 @@ def test_model_last_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "test-last"
     export(preset_name="test", seed=1, out=out, options=ExportOptions(logits="last"))
     return out
+
+
+@pytest.fixture(scope="session")
+def test_model_fused_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 'test' preset (seed 1) exported fused (ONNX Runtime kernels, shared K/V), logits of the last position."""
+    from granite_onnx.export.exporter import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("models") / "test-fused"
+    export(preset_name="test", seed=1, out=out, options=ExportOptions(logits="last", optimize=True))
+    return out

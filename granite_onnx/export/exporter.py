@@ -189,6 +189,14 @@ def _parity(folder: Path, src: WeightSource, logits: str) -> dict[str, Any]:
     return {"max_abs_diff": diffs, "worst": max(diffs.values()), "tokens": int(ids.shape[1])}
 
 
+
+def kv_cache_mode(cfg: HybridConfig, fusion_counts: dict[str, int] | None) -> str:
+    """"shared" when every attention layer became GroupQueryAttention (past and present K/V may then be
+    one capacity buffer, see runtime/session.py), else "grow" (the portable kernel concatenates them)."""
+    attention_layers = sum(t == "attention" for t in cfg.layer_types)
+    fused = (fusion_counts or {}).get("attention", 0)
+    return "shared" if attention_layers and fused == attention_layers else "grow"
+
 def export(*, model: str | Path | None = None, preset_name: str | None = None, seed: int = 0,
            layers: int | None = None, out: str | Path, options: ExportOptions | None = None,
            progress: Callable[[str], None] | None = None, source: WeightSource | None = None) -> dict[str, Any]:
@@ -258,7 +266,8 @@ def export(*, model: str | Path | None = None, preset_name: str | None = None, s
             report["op_histogram"] = op_histogram(onnx.load(str(tmp / MODEL_FILE), load_external_data=False))
             report["timings_s"]["fuse_s"] = round(time.perf_counter() - t, 3)
         (tmp / GRANITE_CONFIG).write_text(json.dumps({"config": cfg.to_json_dict(), "logits": opts.logits,
-                                                      "graph": report["graph"], "weights": fmt.to_json()},
+                                                      "graph": report["graph"], "weights": fmt.to_json(),
+                                                      "kv_cache": kv_cache_mode(cfg, report.get("fusion_counts"))},
                                                      indent=2))
         (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(cfg), indent=2))
         copied = []

@@ -159,7 +159,7 @@ class Chat:
             return new
         try:
             logits, state = self.model.prefill([new], state=self._state, chunk_size=self.chunk_size,
-                                               progress=self.progress)
+                                               progress=self.progress, reserve=reserve)
         except Exception:
             self.reset_state()  # a half-prefilled state is unusable; the next turn prefills it all
             raise

@@ -65,10 +65,11 @@ class Model:
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None,
-             optimization: str = "all", spin: bool | None = None) -> Model:
+             optimization: str = "all", spin: bool | None = None, kv_cache: str | None = None) -> Model:
         """Load a model folder; `provider` "cpu" or "cuda", `threads` ONNX Runtime intra-op threads,
-        `spin` whether idle ORT workers spin (see GraniteSession)."""
-        sess = GraniteSession(path, provider=provider, threads=threads, optimization=optimization, spin=spin)
+        `spin` whether idle ORT workers spin, `kv_cache` "shared"/"grow"/None (see GraniteSession)."""
+        sess = GraniteSession(path, provider=provider, threads=threads, optimization=optimization, spin=spin,
+                              kv_cache=kv_cache)
         try:
             tok: Tokenizer | None = Tokenizer.from_folder(path)
         except TokenizerNotFoundError:
@@ -155,13 +156,15 @@ class Model:
 
     # ---------------------------------------------------------------- prefill
     def prefill(self, batch: Sequence[Sequence[int]], *, state: State | None = None, chunk_size: int | None = None,
-                progress: Progress | None = None) -> tuple[np.ndarray, State]:
+                progress: Progress | None = None, reserve: int = 0) -> tuple[np.ndarray, State]:
         """Run the prompt ids of each row through the model, `chunk_size` tokens at a time (carrying state;
         None: chunks sized to the attention budget, see `chunk_length`).
 
         Fresh rows (state None) are left-padded to the longest. Continuing a state, every row must bring
         the same number of new tokens: padding between a row's past and its new tokens would not be
         neutral (use `generate(..., state=snapshot)`, which prefills such rows one by one).
+        `reserve`: decode steps to make room for now, so that a shared K/V cache is allocated once, at
+        its final size (see GraniteSession.reserve).
         Returns the last position's logits [B, V] (a copy) and the state.
         """
         rows = [list(r) for r in batch]
@@ -176,7 +179,7 @@ class Model:
             ids[r, length - len(x):] = x
             pads[r] = length - len(x)
         if state is None:
-            st = self.session.new_state(b, pads)
+            st = self.session.new_state(b, pads, capacity=length + reserve)
         else:
             st = state
             if st.batch != b:
@@ -184,6 +187,7 @@ class Model:
             if pads.any():
                 raise RequestError("continuing a state, every row needs the same number of new tokens "
                                    f"(got {sorted({len(r) for r in rows})}); prefill rows one by one and stack them")
+            self.session.reserve(st, st.past_len + length + reserve)
         done = 0
         while done < length:
             end = done + self.chunk_length(st.past_len, length - done, b, chunk_size)
@@ -228,11 +232,11 @@ class Model:
         return self.snapshot(st, [ids], logits)
 
     def start(self, encoded: list[list[int]], snap: Snapshot | None = None, *, chunk_size: int | None = None,
-              progress: Progress | None = None) -> tuple[np.ndarray, State, list[list[int]]]:
+              progress: Progress | None = None, reserve: int = 0) -> tuple[np.ndarray, State, list[list[int]]]:
         """Prefill the rows `encoded` (after `snap`, one row per prompt or one shared row) → logits [B, V],
-        state, and each row's full token history."""
+        state, and each row's full token history; `reserve` = decode steps to size the K/V cache for."""
         if snap is None:
-            logits, st = self.prefill(encoded, chunk_size=chunk_size, progress=progress)
+            logits, st = self.prefill(encoded, chunk_size=chunk_size, progress=progress, reserve=reserve)
             return logits, st, [list(x) for x in encoded]
         if snap.batch not in (1, len(encoded)):
             raise RequestError(f"a state of {snap.batch} rows for {len(encoded)} prompts; give one shared row "
@@ -242,9 +246,12 @@ class Model:
         if all(not x for x in encoded):
             if base.logits is None:
                 raise RequestError("the state holds no logits to continue from; give a non-empty prompt")
-            return np.array(base.logits, np.float32), self.restore(base), history
+            st = self.restore(base)
+            self.session.reserve(st, st.past_len + reserve)
+            return np.array(base.logits, np.float32), st, history
         if len({len(x) for x in encoded}) == 1:
-            logits, st = self.prefill(encoded, state=self.restore(base), chunk_size=chunk_size, progress=progress)
+            logits, st = self.prefill(encoded, state=self.restore(base), chunk_size=chunk_size, progress=progress,
+                                      reserve=reserve)
             return logits, st, history
         parts = []  # rows of different lengths: each row alone, then side by side
         for r, x in enumerate(encoded):
@@ -254,7 +261,9 @@ class Model:
                 one = self.snapshot(st1, [history[r]], lo)
             parts.append(one)
         merged = stack(parts)
-        return np.array(merged.logits, np.float32), self.restore(merged), history
+        st = self.restore(merged)
+        self.session.reserve(st, st.past_len + reserve)
+        return np.array(merged.logits, np.float32), st, history
 
     # --------------------------------------------------------------- generate
     def _prepare(self, prompts: Sequence[Prompt], config: GenerationConfig | None, snap: Snapshot | None,
@@ -282,7 +291,8 @@ class Model:
                     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         """Yield (token ids [B], still-active [B] before this token, logprobs [B] | None) per decode step."""
         encoded, config = self._prepare(prompts, config, state)
-        logits, st, history = self.start(encoded, state, chunk_size=chunk_size, progress=progress)
+        logits, st, history = self.start(encoded, state, chunk_size=chunk_size, progress=progress,
+                                         reserve=config.max_new_tokens)
         yield from self.decode_loop(logits, st, history, config)
 
     def decode_loop(self, logits: np.ndarray, st: State, history: list[list[int]], config: GenerationConfig,
@@ -326,7 +336,8 @@ class Model:
         decoders = [self.tokenizer.stream_decoder() if (self.tokenizer and config.stop_strings) else None
                     for _ in batch]
         live = np.ones(len(batch), bool)
-        logits, st, history = self.start(encoded, state, chunk_size=chunk_size, progress=progress)
+        logits, st, history = self.start(encoded, state, chunk_size=chunk_size, progress=progress,
+                                         reserve=config.max_new_tokens)
         for nxt, active, lp in self.decode_loop(logits, st, history, config):
             for r in np.nonzero(active & live)[0]:
                 tok = int(nxt[r])
@@ -367,7 +378,8 @@ class Model:
         assert self.tokenizer is not None
         stop_ids = set(self.eos_token_ids) | set(config.stop_token_ids)
         text = TextStream(self.tokenizer, config.stop_strings)
-        logits, st, history = self.start(encoded, state, chunk_size=chunk_size, progress=progress)
+        logits, st, history = self.start(encoded, state, chunk_size=chunk_size, progress=progress,
+                                         reserve=config.max_new_tokens)
         for nxt, _active, _lp in self.decode_loop(logits, st, history, config):
             tok = int(nxt[0])
             if tok in stop_ids:

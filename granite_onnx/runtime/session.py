@@ -9,9 +9,22 @@ not only the ids; the ids go back as one [B, 1] int64 host buffer).
 Per state, two `IOBinding`s are made once and reused (ping-pong): binding p reads recurrent buffer set p
 and writes set 1−p, so the recurrent state (conv + SSM) is bound once, never per token, and no step
 reads a buffer it writes (in-place state biased every step under CUDA graphs in onnxruntime-genai).
-Per decode step the Python side binds only the attention mask (one array view), the K/V inputs and the
-freshly allocated K/V outputs (the portable graph concatenates past and new K/V, so they grow by one
-position a step); the token ids and the logits buffers are bound once and written in place.
+
+K/V has two layouts, chosen by the folder (granite_config.json "kv_cache"):
+
+* "shared" (fused graphs, where every attention layer is a GroupQueryAttention): each K/V tensor is one
+  capacity buffer [B, kv_heads, capacity, head_dim], bound as both past_* input and present.* output.
+  GroupQueryAttention then writes only the new positions in place (its past/present share-buffer mode:
+  the past length it is given equals the present length it computes) and reads the first past+T
+  columns that the attention mask counts. The buffers are bound once per state like the recurrent ones;
+  a state that outgrows its capacity gets a larger buffer (×1.5, the used columns copied), and callers
+  that know the final length (`reserve`: a prompt plus max_new_tokens) allocate it once, so K/V is held
+  once, never twice.
+* "grow" (portable graphs: past and new K/V are concatenated): the K/V outputs are fresh buffers one
+  step longer than the inputs, bound every step.
+
+Per decode step the Python side then binds only the attention mask (one array view) — plus, under
+"grow", the K/V inputs and outputs; the token ids and the logits buffers are bound once and written in place.
 
 Imports: onnxruntime and numpy only (never torch).
 """
@@ -97,10 +110,19 @@ class _Bindings:
             for name in sess.recurrent_names:
                 sess.raw.bind_input(b, name, state.rec[p][name])
                 sess.raw.bind_output(b, sess.present_of[name], state.rec[1 - p][name])
+        if state.kv_cap is not None:
+            self.bind_kv(sess, state)
         self.bound: list[dict[str, Any]] = [{}, {}]  # per binding: input/output name → the object bound now
         self.ids = np.zeros((state.batch, 1), np.int64)  # decode token ids, written in place each step
         self.mask = hoststate.MaskBuffer()
         self.logits: dict[int, tuple[Any, np.ndarray | None]] = {}  # kept positions → (OrtValue, host view)
+
+    def bind_kv(self, sess: GraniteSession, state: State) -> None:
+        """Shared K/V: each capacity buffer is both the past input and the present output, in both bindings."""
+        for b in self.pair:
+            for s in sess.kv_specs:
+                sess.raw.bind_input(b, s.past_name, state.kv[s.past_name])
+                sess.raw.bind_output(b, s.present_name, state.kv[s.past_name])
 
 
 @dataclass(eq=False)
@@ -113,13 +135,14 @@ class State:
     """
 
     batch: int
-    kv: dict[str, Any]  # past K/V names → OrtValue [B, kv_heads, past_len, head_dim]
+    kv: dict[str, Any]  # past K/V names → OrtValue [B, kv_heads, past_len or kv_cap, head_dim]
     rec: tuple[dict[str, Any], dict[str, Any]]  # the two recurrent buffer sets (ping-pong)
     past_len: int = 0
     pads: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     parity: int = 0  # rec[parity] holds the current recurrent state
     run_s: float = 0.0  # seconds spent inside InferenceSession.run_with_iobinding (overhead accounting)
     runs: int = 0
+    kv_cap: int | None = None  # shared K/V: the columns each buffer holds (≥ past_len); None: growing K/V
     _io: _Bindings | None = None
 
     def __post_init__(self) -> None:
@@ -218,10 +241,14 @@ class _Raw:
 
 class GraniteSession:
     def __init__(self, path: str | Path, *, provider: str = "cpu", threads: int | None = None,
-                 optimization: str = "all", spin: bool | None = None) -> None:
+                 optimization: str = "all", spin: bool | None = None, kv_cache: str | None = None) -> None:
         """`spin`: let ONNX Runtime's idle worker threads spin between runs (its default, None). On a
         machine whose cores are shared (more runnable threads than cores), False is often faster: the
-        spinning workers otherwise take the core the next step's Python needs."""
+        spinning workers otherwise take the core the next step's Python needs.
+
+        `kv_cache`: "shared" (one capacity buffer per K/V tensor, past and present alike) or "grow"
+        (past and present separate, one column longer each step); None takes the folder's own
+        (granite_config.json "kv_cache": "shared" where every attention layer is GroupQueryAttention)."""
         ort = import_ort()
         self.ort = ort
         self.path = Path(path)
@@ -266,6 +293,14 @@ class GraniteSession:
         self.recurrent_names = [s.past_name for s in self.specs if s.kind in ("conv_state", "recurrent_state")]
         self.present_of = {s.past_name: s.present_name for s in self.specs}
         self.vocab_size = self.cfg.vocab_size
+        folder_kv = self.meta.get("kv_cache", "grow")
+        if kv_cache not in (None, "shared", "grow"):
+            raise RuntimeError_(f"unknown kv_cache {kv_cache!r}; use 'shared', 'grow' or None (the folder's)")
+        if kv_cache == "shared" and folder_kv != "shared":
+            raise RuntimeError_(f"{self.path} cannot share past and present K/V: its attention is not "
+                                "GroupQueryAttention (a portable graph concatenates them); use kv_cache='grow', "
+                                "or export it fused (granite-onnx optimize)")
+        self.kv_shared = bool(self.kv_specs) and (kv_cache or folder_kv) == "shared"
         self._device_id = 0
         self.raw = _Raw(ort, self.sess, self.device, self._device_id)
         cfg = self.cfg
@@ -281,33 +316,78 @@ class GraniteSession:
         v.update_inplace(np.ascontiguousarray(a, dtype=self.dtypes[name]))
         return v
 
-    def new_state(self, batch: int, pads: np.ndarray | None = None) -> State:
-        """Zero state for `batch` fresh sequences; `pads` [B] = left padding the first prefill will have."""
+    def new_state(self, batch: int, pads: np.ndarray | None = None, capacity: int = 0) -> State:
+        """Zero state for `batch` fresh sequences; `pads` [B] = left padding the first prefill will have;
+        `capacity`: K/V columns to allocate now under shared K/V (more are added when needed)."""
+        cap = _round_cap(capacity) if self.kv_shared else None
         kv, live, spare = {}, {}, {}
         for s in self.specs:
-            shape = s.concrete_shape(batch, 0)
             if s.kind in ("key", "value"):
-                kv[s.past_name] = self.raw.alloc_growing(list(shape), self.dtypes[s.past_name])
+                kv[s.past_name] = self.raw.alloc_growing(list(s.concrete_shape(batch, cap or 0)),
+                                                         self.dtypes[s.past_name])
             else:
+                shape = s.concrete_shape(batch, 0)
                 live[s.past_name] = self._from_numpy(s.past_name, np.zeros(shape, self.dtypes[s.past_name]))
                 spare[s.past_name] = self._alloc(s.past_name, shape)  # written before it is read
-        st = State(batch, kv, (live, spare))
+        st = State(batch, kv, (live, spare), kv_cap=cap)
         st._io = _Bindings(self, st)
         if pads is not None:
             st.pads = np.asarray(pads, np.int64).copy()
         return st
 
+    def reserve(self, state: State, columns: int) -> None:
+        """Make `state` hold at least `columns` K/V columns (past + what is coming) without reallocating
+        later; a no-op under growing K/V. A longer run still works: the buffers are grown on demand."""
+        if state.kv_cap is not None and columns > state.kv_cap:
+            self._grow_kv(state, _round_cap(columns))
+
+    def _grow_kv(self, st: State, cap: int) -> None:
+        """Move the used K/V columns of `st` into buffers of `cap` columns and bind those instead."""
+        assert st.kv_cap is not None and cap >= st.past_len
+        n = st.past_len
+        new = {}
+        for s in self.kv_specs:
+            old = st.kv[s.past_name]
+            shape = list(s.concrete_shape(st.batch, cap))
+            v = self.raw.alloc_growing(shape, self.dtypes[s.past_name])
+            if type(v) is _Host:
+                if n:
+                    v.arr[:, :, :n] = old.arr[:, :, :n]
+            else:  # device memory: through the host (rare — `reserve` sizes a generation up front)
+                buf = np.zeros(shape, self.dtypes[s.past_name])
+                if n:
+                    buf[:, :, :n] = old.numpy()[:, :, :n]
+                v.update_inplace(buf)
+            new[s.past_name] = v
+        st.kv, st.kv_cap = new, cap
+        if st._io is not None:
+            st._io.bind_kv(self, st)
+
+    def kv_nbytes(self, state: State) -> int:
+        """Bytes of K/V memory `state` holds (its capacity under shared K/V)."""
+        cols = state.past_len if state.kv_cap is None else state.kv_cap
+        return sum(int(np.prod(s.concrete_shape(state.batch, cols))) * np.dtype(self.dtypes[s.past_name]).itemsize
+                   for s in self.kv_specs)
+
     def state_to_numpy(self, state: State) -> dict[str, np.ndarray]:
-        """Host copies of every past_* tensor (K/V and the current recurrent half), by past name."""
-        return {k: np.array(v.numpy(), copy=True) for k, v in state.values.items()}
+        """Host copies of every past_* tensor (K/V: its past_len used columns; the current recurrent half)."""
+        out = {}
+        for k, v in state.values.items():
+            a = v.numpy()
+            if state.kv_cap is not None and k in state.kv:
+                a = a[:, :, :state.past_len]
+            out[k] = np.array(a, copy=True)
+        return out
 
     def state_from_numpy(self, arrays: dict[str, np.ndarray], past_len: int,
-                         pads: np.ndarray | None = None) -> State:
-        """A device state holding copies of `arrays` (by past name), as `state_to_numpy` returns them."""
+                         pads: np.ndarray | None = None, capacity: int = 0) -> State:
+        """A device state holding copies of `arrays` (by past name), as `state_to_numpy` returns them;
+        `capacity`: K/V columns to allocate under shared K/V (at least past_len)."""
         missing = [s.past_name for s in self.specs if s.past_name not in arrays]
         if missing:
             raise RuntimeError_(f"state arrays lack {missing[:3]}: they were not taken from this model")
         batch = int(np.asarray(arrays[self.specs[0].past_name]).shape[0])
+        cap = _round_cap(max(capacity, past_len)) if self.kv_shared else None
         kv, live, spare = {}, {}, {}
         for s in self.specs:
             a = np.asarray(arrays[s.past_name])
@@ -316,15 +396,18 @@ class GraniteSession:
                 raise RuntimeError_(f"state tensor {s.past_name} has shape {a.shape}, this model needs {want} "
                                     f"(batch {batch}, past length {past_len}): it was taken from another model")
             if s.kind in ("key", "value"):
-                kv[s.past_name] = v = self.raw.alloc_growing(list(a.shape), self.dtypes[s.past_name])
+                shape = list(s.concrete_shape(batch, past_len if cap is None else cap))
+                kv[s.past_name] = v = self.raw.alloc_growing(shape, self.dtypes[s.past_name])
                 if type(v) is _Host:
-                    v.arr[...] = a
+                    v.arr[:, :, :past_len] = a
                 else:
-                    v.update_inplace(np.ascontiguousarray(a, dtype=self.dtypes[s.past_name]))
+                    full = np.zeros(shape, self.dtypes[s.past_name])
+                    full[:, :, :past_len] = a
+                    v.update_inplace(full)
             else:
                 live[s.past_name] = self._from_numpy(s.past_name, a)
                 spare[s.past_name] = self._alloc(s.past_name, a.shape)
-        st = State(batch, kv, (live, spare), past_len)
+        st = State(batch, kv, (live, spare), past_len, kv_cap=cap)
         st._io = _Bindings(self, st)
         if pads is not None:
             st.pads = np.asarray(pads, np.int64).copy()
@@ -363,13 +446,18 @@ class GraniteSession:
         logits_ov, host = self._logits_buffer(st, kept)
         self._bind(binding, bound, io.LOGITS, logits_ov, output=True)
         total = st.past_len + t
-        shape = [st.batch, self._kv_dims[0], total, self._kv_dims[1]]
-        new_kv = {}
-        for s in self.kv_specs:
-            raw.bind_input(binding, s.past_name, st.kv[s.past_name])
-            out = raw.alloc_growing(shape, self.dtypes[s.past_name])
-            raw.bind_output(binding, s.present_name, out)
-            new_kv[s.past_name] = out
+        if st.kv_cap is None:
+            shape = [st.batch, self._kv_dims[0], total, self._kv_dims[1]]
+            new_kv = {}
+            for s in self.kv_specs:
+                raw.bind_input(binding, s.past_name, st.kv[s.past_name])
+                out = raw.alloc_growing(shape, self.dtypes[s.past_name])
+                raw.bind_output(binding, s.present_name, out)
+                new_kv[s.past_name] = out
+        else:
+            if total > st.kv_cap:
+                self._grow_kv(st, _round_cap(max(total, st.kv_cap + st.kv_cap // 2)))
+            new_kv = st.kv
         t0 = time.perf_counter()
         try:
             raw.run(binding)
@@ -423,6 +511,13 @@ class GraniteSession:
         """Plain `InferenceSession.run` with every output by name (validation)."""
         names = [o.name for o in self.sess.get_outputs()]
         return dict(zip(names, self.sess.run(names, feeds)))
+
+
+KV_ALIGN = 64  # shared K/V capacities are multiples of this many columns
+
+
+def _round_cap(n: int) -> int:
+    return -(-max(n, 1) // KV_ALIGN) * KV_ALIGN
 
 
 def default_threads() -> int:
