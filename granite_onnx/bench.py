@@ -1,21 +1,75 @@
-"""`granite-onnx bench`: this runtime and HF transformers eager, side by side in one process.
+"""`granite-onnx bench`: one or more exported folders of one model and HF transformers eager, side by side
+in one process.
 
-Reports prefill time per prompt length, time to first token, decode tokens/s per batch size, the
-ratios (ours / HF), per-step latency p50/p99, the share of each decode step spent outside
-`run_with_iobinding` (the Python side: binding, sampling, bookkeeping), peak RSS, and the decode step's
-achieved GB/s next to this machine's measured memory bandwidth (a STREAM-style copy). Optional: a
-multi-turn case (time to first token with the state carried vs re-prefilling the transcript) and a
-long prompt prefilled in chunks (peak RSS growth next to the K/V bytes). Warm-up runs are timed apart
-and not counted.
+Typical use: a fused and a portable folder of the same model (`granite-onnx export ... --out X-fused` and
+`... --portable --out X-portable`) against the HF eager reference, loaded once. Each measurement (each
+prefill length, each decode batch size) times every runtime back to back — the folders in the order given,
+then HF — so that load changes on a shared machine hit all of them alike.
+
+Reports prefill time per prompt length, time to first token, decode tokens/s per batch size, the ratios
+(each runtime against HF eager, and fused against portable when both graphs are given), per-step latency
+p50/p99, the share of each decode step spent outside `run_with_iobinding` (the Python side: binding,
+sampling, bookkeeping), memory (per runtime: the RSS its loading added, and the most the process RSS rose
+above its level at the start of one of the runtime's measurements; the process peak RSS), and the decode
+step's achieved GB/s next to this machine's measured memory bandwidth (a STREAM-style copy). Optional, on
+the first folder only: a multi-turn case (time to first token with the state carried vs re-prefilling the
+transcript) and a long prompt prefilled in chunks (peak RSS growth next to the K/V bytes). Warm-up runs are
+timed apart and not counted.
+
+Runtimes are named by label: a folder's graph kind ("fused", "portable" from granite_config.json), with the
+folder's name added when two folders have the same kind ("fused (x-int4)"); HF transformers is "HF eager".
+The JSON (`granite-onnx bench ... --json`, and what `bench()` returns):
+
+    {
+      "config": "small", "params": 20800000, "threads": 2, "spin": null,
+      "prompt_len": 32, "new_tokens": 128,
+      "runtimes": ["fused", "portable", "HF eager"],            # labels, in timing order
+      "folders": [{"label": "fused", "dir": "/tmp/x-fused", "graph": "fused",
+                   "weights": {...granite_config.json "weights"...}, "weight_bytes_per_param": 4.0,
+                   "load_s": 0.21}, ...],                       # the first one also runs multi_turn / long
+      "reference": {"label": "HF eager", "source": "small", "load_s": 1.3} | null,     # null with --no-hf
+      "fused_vs_portable": {"fused": "fused", "portable": "portable"} | null,   # the pair compared, if any
+      "warmup_s": {"fused": 0.01, "portable": 0.02, "HF eager": 0.05},
+      "prefill": [{"tokens": 512,
+                   "s": {"fused": 0.05, "portable": 0.09, "HF eager": 0.2},   # seconds, per runtime
+                   "vs_hf": {"fused": 4.0, "portable": 2.2},   # HF seconds / runtime seconds (> 1: faster)
+                   "fused_over_portable": 1.8}, ...],          # portable s / fused s (null without a pair)
+      "decode": [{"batch": 1,
+                  "runtimes": {"fused": {"tok_s": 900.0, "ttft_s": 0.004, "step_p50_ms": 1.1,
+                                         "step_p99_ms": 1.6, "outside_run_share": 0.12,
+                                         "outside_run_us": 130.0, "gb_s": 75.0},
+                               ...,
+                               "HF eager": {... same keys, outside_run_* null ...}},
+                  "vs_hf": {"fused": 5.1, "portable": 2.9},   # runtime tok/s / HF tok/s
+                  "fused_over_portable": 1.7}, ...],          # fused tok/s / portable tok/s
+      "memory": {"fused": {"load_rss_mb": 70.0,          # the RSS its loading added
+                           "load_peak_growth_mb": 71.0,  # the peak while loading, above the RSS before
+                           "peak_growth_mb": 48.0},      # the most the peak rose above the RSS at the start
+                 ..., "HF eager": {...}},                # of one of its measurements (warm-up included)
+      "multi_turn": [{"turn": 1, "context_tokens": 32, "prefilled": 32, "ttft_s": ..,
+                      "ttft_stateless_s": ..}, ...],          # with --turns > 0, first folder only
+      "multi_turn_runtime": "fused",
+      "long": {...long_prompt()..., "runtime": "fused"},      # with --long N, first folder only
+      "machine_bandwidth_gb_s": 12.3,
+      "peak_rss_mb": 800.0,        # the process peak RSS (kept across the peak resets the memory figures use)
+      "table": "..."               # what `granite-onnx bench` prints without --json
+    }
+
+Memory figures are null where the peak RSS cannot be reset (not Linux). The decode GB/s counts the weight
+bytes one step must read (`bytes_per_decode_step`), at 4 bytes a parameter for fp32 folders and HF, and at
+the folder's weight-file bytes per parameter for reduced-precision ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -23,6 +77,12 @@ from granite_onnx.export.exporter import peak_rss_mb
 from granite_onnx.models.config import HybridConfig
 
 log = logging.getLogger(__name__)
+
+HF_LABEL = "HF eager"
+
+
+class BenchError(ValueError):
+    """Bad bench input: folders of different models, a folder given twice, no reference."""
 
 
 def measure_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
@@ -37,7 +97,7 @@ def measure_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
     return 2 * a.nbytes / best / 1e9
 
 
-def bytes_per_decode_step(cfg: HybridConfig, batch: int, dtype_bytes: int = 4) -> int:
+def bytes_per_decode_step(cfg: HybridConfig, batch: int, dtype_bytes: float = 4) -> float:
     """Weight bytes one decode step must read: everything but the experts, plus the experts that the
     batch's tokens can route to (at most all of them)."""
     total = cfg.num_parameters()
@@ -200,119 +260,340 @@ def long_prompt(model: Any, tokens: int, chunk_size: int | None, progress: Calla
             "rss_before_mb": before.get("VmRSS", 0) / 2**20}
 
 
-def bench(model_dir: str | Path, reference: str, *, seed: int | None = None, layers: int | None = None,
-          threads: int = 2, prompt_len: int = 32, new_tokens: int = 32, batches: tuple[int, ...] = (1, 4, 16),
-          prefill_lens: tuple[int, ...] = (512,), skip_hf: bool = False, turns: int = 4, long: int = 0,
-          chunk_size: int | None = None, spin: bool | None = None,
+LOAD = " (load)"  # suffix of the memory segment key of a runtime's loading
+
+
+class _Memory:
+    """RSS bookkeeping for several runtimes in one process (Linux /proc; figures stay None elsewhere).
+
+    `segment(key)` resets the peak RSS (VmHWM), runs its body, and keeps for `key` the most the peak rose
+    above the RSS at the segment's start (the max over all of the key's segments). Resetting VmHWM resets
+    getrusage's ru_maxrss too, so the process peak is kept here, read before every reset."""
+
+    def __init__(self) -> None:
+        self.process_peak = 0
+        self.growth: dict[str, int] = {}
+
+    def note(self) -> dict[str, int]:
+        s = _proc_status()
+        self.process_peak = max(self.process_peak, s.get("VmHWM", 0))
+        return s
+
+    @contextmanager
+    def segment(self, key: str) -> Iterator[None]:
+        before = self.note()
+        exact = bool(before) and _reset_peak_rss()
+        try:
+            yield
+        finally:
+            after = self.note()
+            if exact and after:
+                self.growth[key] = max(self.growth.get(key, 0), after["VmHWM"] - before["VmRSS"])
+
+    def growth_mb(self, key: str) -> float | None:
+        return self.growth[key] / 2**20 if key in self.growth else None
+
+    def peak_mb(self) -> float:
+        self.note()
+        return max(self.process_peak / 2**20, peak_rss_mb())
+
+
+def _same_shape(cfg: HybridConfig) -> HybridConfig:
+    return dataclasses.replace(cfg, name="")  # a preset's name or "custom": the same model either way
+
+
+def check_same_model(dirs: Sequence[Path], cfgs: Sequence[HybridConfig]) -> None:
+    """Raise BenchError unless every folder holds the same model configuration as the first."""
+    for d, c in zip(dirs[1:], cfgs[1:]):
+        if _same_shape(c) != _same_shape(cfgs[0]):
+            fields = [f.name for f in dataclasses.fields(HybridConfig) if f.compare and f.name != "name"]
+            diff = [f"{k} {getattr(cfgs[0], k)!r} vs {getattr(c, k)!r}" for k in fields
+                    if getattr(cfgs[0], k) != getattr(c, k)]
+            raise BenchError(f"{dirs[0]} and {d} hold different models ({'; '.join(diff[:4])}"
+                             f"{'; …' if len(diff) > 4 else ''}): bench compares folders of one model — export "
+                             "them from the same checkpoint or preset (e.g. once with --optimize, once with "
+                             "--portable)")
+
+
+def _source(d: Path) -> Any:
+    """The export report's source (preset, seed, layers; or the HF folder), or None."""
+    rep = d / "export_report.json"
+    try:
+        return json.loads(rep.read_text()).get("source") if rep.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def runtime_labels(dirs: Sequence[Path], graphs: Sequence[str | None]) -> list[str]:
+    """A label per folder: its graph kind, plus the folder's name (or path) where kinds repeat."""
+    kinds = [g or "onnx" for g in graphs]
+    labels = [k if kinds.count(k) == 1 else f"{k} ({d.name})" for k, d in zip(kinds, dirs)]
+    return [lab if labels.count(lab) == 1 else f"{k} ({d})" for lab, k, d in zip(labels, kinds, dirs)]
+
+
+def _weight_bytes_per_param(d: Path, meta: dict[str, Any], cfg: HybridConfig) -> float:
+    """4 for float32 weights; otherwise the weight file's bytes per parameter (scales, packed nibbles)."""
+    from granite_onnx.runtime.session import DATA_FILE
+
+    w = meta.get("weights") or {}
+    if w.get("precision", "fp32") == "fp32" and w.get("quant", "none") == "none":
+        return 4.0
+    return (d / DATA_FILE).stat().st_size / cfg.num_parameters()
+
+
+def hf_prefill(hf: Any, ids: np.ndarray) -> None:
+    import torch
+
+    with torch.no_grad():
+        hf(input_ids=torch.from_numpy(ids), use_cache=True, logits_to_keep=1)
+
+
+def _step_figures(batch: int, ttft: float, steps: np.ndarray) -> dict[str, Any]:
+    return {"tok_s": batch / float(np.median(steps)), "ttft_s": ttft,
+            "step_p50_ms": float(np.percentile(steps, 50) * 1e3), "step_p99_ms": float(np.percentile(steps, 99) * 1e3)}
+
+
+def hf_decode_timed(hf: Any, ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
+    """Greedy prefill + `new_tokens` decode steps with HF transformers (its own cache), figures as in
+    `decode_loop_timed` (no `run` to measure the overhead against: outside_run_* are None)."""
+    import torch
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = hf(input_ids=torch.from_numpy(ids), use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        ttft = time.perf_counter() - t0
+        cache = out.past_key_values
+        steps = np.empty(new_tokens)
+        for i in range(new_tokens):
+            t = time.perf_counter()
+            out = hf(input_ids=tok, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            steps[i] = time.perf_counter() - t
+    return {**_step_figures(ids.shape[0], ttft, steps), "outside_run_share": None, "outside_run_us": None}
+
+
+def _ort_decode_timed(model: Any, ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
+    r = decode_loop_timed(model, ids, new_tokens)
+    return {"tok_s": r["ours_tok_s"], "ttft_s": r["ours_ttft_s"], "step_p50_ms": r["ours_step_p50_ms"],
+            "step_p99_ms": r["ours_step_p99_ms"], "outside_run_share": r["outside_run_share"],
+            "outside_run_us": r["outside_run_us"]}
+
+
+def bench(model_dirs: str | Path | Sequence[str | Path], reference: str | None, *, seed: int | None = None,
+          layers: int | None = None, threads: int = 2, prompt_len: int = 32, new_tokens: int = 128,
+          batches: tuple[int, ...] = (1, 4, 16), prefill_lens: tuple[int, ...] = (512, 4096), skip_hf: bool = False,
+          turns: int = 4, long: int = 0, chunk_size: int | None = None, spin: bool | None = None,
           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Time every folder in `model_dirs` (one model: same config) and HF eager (from `reference`, an HF
+    folder or a preset name; skipped with `skip_hf`) side by side; returns the dict described in the module
+    docstring. Raises BenchError for folders of different models or a folder given twice."""
     from granite_onnx.runtime.generate import Model
+    from granite_onnx.runtime.session import read_folder_config
 
     say = progress or (lambda s: log.info(s))
-    model_dir = Path(model_dir)
-    model = Model.load(model_dir, threads=threads, spin=spin)
-    cfg = model.cfg
+    dirs = [Path(model_dirs)] if isinstance(model_dirs, (str, Path)) else [Path(d) for d in model_dirs]
+    if not dirs:
+        raise BenchError("no model folder given")
+    if not skip_hf and not reference:
+        raise BenchError("timing HF eager needs --reference (an HF checkpoint folder or a preset name); "
+                         "or pass --no-hf")
+    seen: dict[Path, Path] = {}
+    for d in dirs:
+        if d.resolve() in seen:
+            raise BenchError(f"{d} is given twice (as {seen[d.resolve()]} too): give each folder once")
+        seen[d.resolve()] = d
+    read = [read_folder_config(d) for d in dirs]
+    check_same_model(dirs, [c for c, _ in read])
+    sources = [_source(d) for d in dirs]
+    if any(s != sources[0] for s in sources[1:]):
+        say(f"warning: the folders were exported from different sources ({', '.join(map(str, sources))}): "
+            f"same shape, maybe different weights; the HF reference is built from {dirs[0]}'s")
+    cfg = read[0][0]
+    labels = runtime_labels(dirs, [m.get("graph") for _, m in read])
+    order = labels + ([] if skip_hf else [HF_LABEL])
+    graph_of = {lab: m.get("graph") for lab, (_, m) in zip(labels, read)}
+    fused = next((lab for lab in labels if graph_of[lab] == "fused"), None)
+    portable = next((lab for lab in labels if graph_of[lab] == "portable"), None)
+    pair = (fused, portable) if fused and portable else None
+    mem = _Memory()
     rng = np.random.default_rng(0)
-    res: dict[str, Any] = {"model": str(model_dir), "graph": model.session.meta.get("graph"), "threads": threads,
-                           "spin": spin, "params": cfg.num_parameters(), "prefill": [], "decode": []}
+    res: dict[str, Any] = {
+        "config": cfg.name, "params": cfg.num_parameters(), "threads": threads, "spin": spin,
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "runtimes": order, "folders": [], "reference": None,
+        "fused_vs_portable": None if pair is None else {"fused": pair[0], "portable": pair[1]},
+        "prefill": [], "decode": []}
+    models: dict[str, Any] = {}
+    bpp: dict[str, float] = {HF_LABEL: 4.0}
+    load_rss: dict[str, float] = {}
+
+    def load_folder(i: int) -> None:
+        lab, d = labels[i], dirs[i]
+        say(f"loading {lab}: {d}")
+        rss0 = _proc_status().get("VmRSS")
+        t0 = time.perf_counter()
+        with mem.segment(lab + LOAD):
+            models[lab] = Model.load(d, threads=threads, spin=spin)
+        dt = time.perf_counter() - t0
+        rss1 = _proc_status().get("VmRSS")
+        if rss0 is not None and rss1 is not None:
+            load_rss[lab] = (rss1 - rss0) / 2**20
+        bpp[lab] = _weight_bytes_per_param(d, read[i][1], cfg)
+        res["folders"].append({"label": lab, "dir": str(d), "graph": read[i][1].get("graph"),
+                               "weights": read[i][1].get("weights"), "weight_bytes_per_param": bpp[lab],
+                               "load_s": dt})
+
+    load_folder(0)
     if long > 0:  # first, in a process that has not yet allocated and freed anything large
-        say(f"long prompt: {long} tokens in chunks of {chunk_size or 'the attention budget'}")
-        res["long"] = long_prompt(model, long, chunk_size, say)
+        say(f"long prompt ({labels[0]}): {long} tokens in chunks of {chunk_size or 'the attention budget'}")
+        mem.note()  # long_prompt resets the peak RSS: keep the process peak so far
+        res["long"] = long_prompt(models[labels[0]], long, chunk_size, say)
+        res["long"]["runtime"] = labels[0]
+    for i in range(1, len(dirs)):
+        load_folder(i)
+
     hf = None
-    tmpdir = tempfile.TemporaryDirectory()
-    if not skip_hf:
-        import torch
-
-        torch.set_num_threads(threads)
-        say("loading the HF reference")
-        hf = load_reference(model_dir, reference, seed, layers, Path(tmpdir.name))
-
-    def ours_prefill(ids: np.ndarray) -> None:
-        model.prefill([list(r) for r in ids])
-
-    def hf_prefill(ids: np.ndarray) -> None:
-        import torch
-
-        with torch.no_grad():
-            hf(input_ids=torch.from_numpy(ids), use_cache=True, logits_to_keep=1)
-
-    warm = rng.integers(0, cfg.vocab_size, (1, 8))
-    t_warm_ours = _time(lambda: ours_prefill(warm))
-    t_warm_hf = _time(lambda: hf_prefill(warm)) if hf is not None else None
-    res["warmup_s"] = {"ours": round(t_warm_ours, 4), "hf": None if t_warm_hf is None else round(t_warm_hf, 4)}
-    for n in prefill_lens:
-        ids = rng.integers(0, cfg.vocab_size, (1, n))
-        say(f"prefill {n} tokens")
-        t_ours = _time(lambda: ours_prefill(ids))
-        t_hf = _time(lambda: hf_prefill(ids)) if hf is not None else None
-        res["prefill"].append({"tokens": n, "ours_s": t_ours, "hf_s": t_hf,
-                               "speedup": None if t_hf is None else t_hf / t_ours})
-
-    for b in batches:
-        say(f"decode batch {b}: {new_tokens} new tokens after {prompt_len}")
-        ids = rng.integers(0, cfg.vocab_size, (b, prompt_len))
-        decode_loop_timed(model, ids[:, : min(prompt_len, 8)], 4)  # warm-up of this batch size
-        row = decode_loop_timed(model, ids, new_tokens)
-        if hf is not None:
+    with tempfile.TemporaryDirectory() as tmp:
+        if not skip_hf:
             import torch
 
-            with torch.no_grad():
-                warm_out = hf(input_ids=torch.from_numpy(ids[:, :8]), use_cache=True, logits_to_keep=1)
-                for _ in range(4):  # warm-up decode steps of this batch size, not timed
-                    warm_out = hf(input_ids=warm_out.logits[:, -1:].argmax(-1),
-                                  past_key_values=warm_out.past_key_values, use_cache=True)
-                t0 = time.perf_counter()
-                out = hf(input_ids=torch.from_numpy(ids), use_cache=True, logits_to_keep=1)
-                tok = out.logits[:, -1].argmax(-1, keepdim=True)
-                row["hf_ttft_s"] = time.perf_counter() - t0
-                cache = out.past_key_values
-                hsteps = []
-                for _ in range(new_tokens):
-                    t = time.perf_counter()
-                    out = hf(input_ids=tok, past_key_values=cache, use_cache=True)
-                    cache = out.past_key_values
-                    tok = out.logits[:, -1].argmax(-1, keepdim=True)
-                    hsteps.append(time.perf_counter() - t)
-            row["hf_tok_s"] = b / float(np.median(hsteps))
-            row["speedup"] = row["ours_tok_s"] / row["hf_tok_s"]
-        row["ours_gb_s"] = bytes_per_decode_step(cfg, b) / (b / row["ours_tok_s"]) / 1e9
-        res["decode"].append(row)
-    if turns > 0:
-        say(f"multi-turn: {turns} turns of {prompt_len} new tokens and {new_tokens}-token replies")
-        res["multi_turn"] = multi_turn(model, turns, prompt_len, new_tokens)
+            torch.set_num_threads(threads)
+            say("loading the HF reference")
+            rss0 = _proc_status().get("VmRSS")
+            t0 = time.perf_counter()
+            with mem.segment(HF_LABEL + LOAD):
+                hf = load_reference(dirs[0], str(reference), seed, layers, Path(tmp))
+            res["reference"] = {"label": HF_LABEL, "source": str(reference), "load_s": time.perf_counter() - t0}
+            rss1 = _proc_status().get("VmRSS")
+            if rss0 is not None and rss1 is not None:
+                load_rss[HF_LABEL] = (rss1 - rss0) / 2**20
+
+        def prefill(lab: str, ids: np.ndarray) -> None:
+            if lab == HF_LABEL:
+                hf_prefill(hf, ids)
+            else:
+                models[lab].prefill([list(r) for r in ids])
+
+        def decode(lab: str, ids: np.ndarray, n: int) -> dict[str, Any]:
+            return hf_decode_timed(hf, ids, n) if lab == HF_LABEL else _ort_decode_timed(models[lab], ids, n)
+
+        def ratios(values: dict[str, float], faster_is_smaller: bool) -> tuple[dict[str, float], float | None]:
+            def r(a: str, b: str) -> float:  # how many times faster a is than b
+                return values[b] / values[a] if faster_is_smaller else values[a] / values[b]
+
+            vs_hf = {lab: r(lab, HF_LABEL) for lab in labels} if HF_LABEL in values else {}
+            return vs_hf, (r(*pair) if pair else None)
+
+        warm = rng.integers(0, cfg.vocab_size, (1, 8))
+        res["warmup_s"] = {}
+        for lab in order:
+            with mem.segment(lab):
+                res["warmup_s"][lab] = _time(lambda: prefill(lab, warm))  # noqa: B023 (called at once)
+
+        for n in prefill_lens:
+            ids = rng.integers(0, cfg.vocab_size, (1, n))
+            say(f"prefill {n} tokens: {', '.join(order)}")
+            secs: dict[str, float] = {}
+            for lab in order:
+                with mem.segment(lab):
+                    secs[lab] = _time(lambda: prefill(lab, ids))  # noqa: B023
+            vs_hf, fp = ratios(secs, faster_is_smaller=True)
+            res["prefill"].append({"tokens": n, "s": secs, "vs_hf": vs_hf, "fused_over_portable": fp})
+
+        for b in batches:
+            say(f"decode batch {b}: {new_tokens} new tokens after {prompt_len}: {', '.join(order)}")
+            ids = rng.integers(0, cfg.vocab_size, (b, prompt_len))
+            rows: dict[str, dict[str, Any]] = {}
+            for lab in order:  # each: its warm-up at this batch size (not counted), then the timed run
+                with mem.segment(lab):
+                    decode(lab, ids[:, : min(prompt_len, 8)], 4)
+                    row = decode(lab, ids, new_tokens)
+                row["gb_s"] = bytes_per_decode_step(cfg, b, bpp[lab]) / (b / row["tok_s"]) / 1e9
+                rows[lab] = row
+            vs_hf, fp = ratios({lab: r["tok_s"] for lab, r in rows.items()}, faster_is_smaller=False)
+            res["decode"].append({"batch": b, "runtimes": rows, "vs_hf": vs_hf, "fused_over_portable": fp})
+
+        if turns > 0:
+            say(f"multi-turn ({labels[0]}): {turns} turns of {prompt_len} new tokens and {new_tokens}-token replies")
+            res["multi_turn"] = multi_turn(models[labels[0]], turns, prompt_len, new_tokens)
+            res["multi_turn_runtime"] = labels[0]
+    res["memory"] = {lab: {"load_rss_mb": load_rss.get(lab), "load_peak_growth_mb": mem.growth_mb(lab + LOAD),
+                           "peak_growth_mb": mem.growth_mb(lab)} for lab in order}
+    res["peak_rss_mb"] = mem.peak_mb()  # before the bandwidth test's own 512 MB
     res["machine_bandwidth_gb_s"] = measure_bandwidth_gbs()
-    res["peak_rss_mb"] = peak_rss_mb()
     res["table"] = format_table(res)
-    tmpdir.cleanup()
     return res
 
 
-def format_table(r: dict[str, Any]) -> str:
-    def f(x: Any, fmt: str) -> str:
-        return "—" if x is None else format(x, fmt)
+def _f(x: Any, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
 
-    lines = [f"model {r['model']} ({r['graph']} graph, {r['params'] / 1e6:.1f}M params), {r['threads']} threads"
-             + ("" if r.get("spin") is None else f", spinning {'on' if r['spin'] else 'off'}"),
-             "", "prefill            ours (s)    HF eager (s)   speedup"]
-    for p in r["prefill"]:
-        lines.append(f"  {p['tokens']:6d} tokens   {p['ours_s']:9.4f}   {f(p['hf_s'], '12.4f')}   "
-                     f"{f(p['speedup'], '6.2f')}×")
-    lines += ["", "decode   ours tok/s  HF tok/s  speedup  TTFT ours/HF (s)   p50/p99 step (ms)   outside run   GB/s"]
-    for d in r["decode"]:
-        lines.append(f"  b={d['batch']:<3d} {d['ours_tok_s']:10.1f} {f(d.get('hf_tok_s'), '9.1f')}  "
-                     f"{f(d.get('speedup'), '6.2f')}×  {d['ours_ttft_s']:.4f}/{f(d.get('hf_ttft_s'), '.4f')}"
-                     f"   {d['ours_step_p50_ms']:7.2f}/{d['ours_step_p99_ms']:<7.2f}"
-                     f"   {100 * d['outside_run_share']:5.1f}% {d['outside_run_us']:5.0f}µs   {d['ours_gb_s']:.2f}")
+
+def format_table(r: dict[str, Any]) -> str:
+    labels = [f["label"] for f in r["folders"]]
+    order = r["runtimes"]
+    w = max(len(lab) for lab in order + ["fused/portable"])
+    pair = r.get("fused_vs_portable")
+    lines = [f"{r['config']}: {r['params'] / 1e6:.1f}M params, {r['threads']} threads"
+             + ("" if r.get("spin") is None else f", spinning {'on' if r['spin'] else 'off'}")
+             + "; every runtime timed back to back per measurement"]
+    for f in r["folders"]:
+        lines.append(f"  {f['label']:<{w}}  {f['dir']}  (load {f['load_s']:.2f} s)")
+    if r.get("reference"):
+        lines.append(f"  {HF_LABEL:<{w}}  transformers fp32 from {r['reference']['source']}  "
+                     f"(load {r['reference']['load_s']:.2f} s)")
+    lines.append("  warm-up, not counted (s): " + ", ".join(f"{lab} {s:.4f}" for lab, s in r["warmup_s"].items()))
+
+    if r["prefill"]:
+        cols = [f"{lab} (s)" for lab in order] + ([f"{lab} ×HF" for lab in labels] if HF_LABEL in order else [])
+        cols += ["fused/portable"] if pair else []
+        widths = [max(len(c), 9) for c in cols]
+        lines += ["", f"{'prefill':<17}" + "  ".join(f"{c:>{cw}}" for c, cw in zip(cols, widths))]
+        for p in r["prefill"]:
+            vals = [format(p["s"][lab], ".4f") for lab in order]
+            vals += [f"{p['vs_hf'][lab]:.2f}×" for lab in labels] if HF_LABEL in order else []
+            vals += [f"{p['fused_over_portable']:.2f}×"] if pair else []
+            lines.append(f"  {p['tokens']:6d} tokens  " + "  ".join(f"{v:>{cw}}" for v, cw in zip(vals, widths)))
+
+    if r["decode"]:
+        lines += ["", f"decode: {r['new_tokens']} new tokens after {r['prompt_len']}, greedy; ×HF = tok/s ratio; "
+                      f"GB/s = weight bytes read per step / step time (machine copy bandwidth "
+                      f"{r['machine_bandwidth_gb_s']:.1f} GB/s)",
+                  f"  batch  {'runtime':<{w}}     tok/s      ×HF   TTFT (s)   p50/p99 step (ms)    outside run"
+                  "     GB/s"]
+        for d in r["decode"]:
+            for i, lab in enumerate(order):
+                x = d["runtimes"][lab]
+                out = ("—" if x["outside_run_share"] is None
+                       else f"{100 * x['outside_run_share']:5.1f}% {x['outside_run_us']:5.0f}µs")
+                ratio = f"{d['vs_hf'][lab]:.2f}×" if lab in d["vs_hf"] else "—"
+                lines.append(f"  {'b=' + str(d['batch']) if i == 0 else '':<5}  {lab:<{w}} {x['tok_s']:9.1f} "
+                             f"{ratio:>8} {x['ttft_s']:10.4f}   {x['step_p50_ms']:8.2f}/{x['step_p99_ms']:<8.2f}  "
+                             f"{out:>13} {x['gb_s']:8.2f}")
+            if pair:
+                lines.append(f"  {'':<5}  {'fused/portable':<{w}} {d['fused_over_portable']:8.2f}×")
+
+    mem = r.get("memory") or {}
+    if mem:
+        lines += ["", f"{'memory (MB)':<{w + 2}}  load: RSS added  load: peak growth  peak growth while timed"]
+        for lab in order:
+            m = mem[lab]
+            lines.append(f"  {lab:<{w}}  {_f(m['load_rss_mb'], '15.1f')}  {_f(m['load_peak_growth_mb'], '17.1f')}  "
+                         f"{_f(m['peak_growth_mb'], '23.1f')}")
+    lines.append(f"  process peak RSS {r['peak_rss_mb']:.0f} MB")
+
     if r.get("multi_turn"):
-        lines += ["", "multi-turn   context   prefilled   TTFT carried state (s)   TTFT stateless re-prefill (s)"]
+        head = f"multi-turn ({r.get('multi_turn_runtime', labels[0])})"
+        lines += ["", f"{head}   context   prefilled   TTFT carried state (s)   TTFT stateless re-prefill (s)"]
         for t in r["multi_turn"]:
-            lines.append(f"  turn {t['turn']:<3d} {t['context_tokens']:8d} {t['prefilled']:10d}   "
+            lines.append(f"{'  turn ' + str(t['turn']):<{len(head)}} {t['context_tokens']:9d} {t['prefilled']:11d}   "
                          f"{t['ttft_s']:22.4f}   {t['ttft_stateless_s']:29.4f}")
     if r.get("long"):
         g = r["long"]
         size = g["chunk_size"] or "≤ the attention budget"
-        lines += ["", f"long prompt  {g['tokens']} tokens in {g['chunks']} chunks of {size}: {g['seconds']:.1f} s "
-                      f"({g['tok_s']:.0f} tok/s); peak RSS growth {f(g['peak_rss_growth_mb'], '.1f')} MB = K/V "
-                      f"{g['kv_mb']:.1f} MB + {f(g['beyond_kv_mb'], '.1f')} MB (recurrent state "
-                      f"{g['recurrent_mb']:.1f} MB, fixed)"]
-    lines += ["", f"machine copy bandwidth {r['machine_bandwidth_gb_s']:.1f} GB/s; peak RSS {r['peak_rss_mb']:.0f} MB"]
+        lines += ["", f"long prompt ({g.get('runtime', labels[0])})  {g['tokens']} tokens in {g['chunks']} chunks "
+                      f"of {size}: {g['seconds']:.1f} s ({g['tok_s']:.0f} tok/s); peak RSS growth "
+                      f"{_f(g['peak_rss_growth_mb'], '.1f')} MB = K/V {g['kv_mb']:.1f} MB + "
+                      f"{_f(g['beyond_kv_mb'], '.1f')} MB (recurrent state {g['recurrent_mb']:.1f} MB, fixed)"]
     return "\n".join(lines)

@@ -270,12 +270,17 @@ def cmd_validate(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from granite_onnx.bench import bench
+    from granite_onnx.bench import BenchError, bench
 
-    res = bench(a.model_dir, a.reference, seed=a.seed, layers=a.layers, threads=a.threads, prompt_len=a.prompt_len,
-                new_tokens=a.new_tokens, batches=tuple(a.batch), prefill_lens=tuple(a.prefill), skip_hf=a.no_hf,
-                turns=a.turns, long=a.long, chunk_size=a.chunk_size, spin=False if a.no_spin else None,
-                progress=lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True))
+    try:
+        res = bench(a.model_dirs, a.reference, seed=a.seed, layers=a.layers, threads=a.threads,
+                    prompt_len=a.prompt_len, new_tokens=a.new_tokens, batches=tuple(a.batch),
+                    prefill_lens=tuple(a.prefill), skip_hf=a.no_hf, turns=a.turns, long=a.long,
+                    chunk_size=a.chunk_size, spin=False if a.no_spin else None,
+                    progress=lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True))
+    except BenchError as e:
+        print(f"granite-onnx bench: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(res, indent=2) if a.json else res["table"])
     return 0
 
@@ -363,24 +368,43 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=cmd_validate)
 
-    b = sub.add_parser("bench", help="time prefill and decode for this runtime and HF eager, side by side")
-    b.add_argument("model_dir")
-    b.add_argument("--reference", required=True, help="HF checkpoint folder or preset name")
-    b.add_argument("--seed", type=int, default=None)
-    b.add_argument("--layers", type=int, default=None)
-    b.add_argument("--threads", type=int, default=2)
-    b.add_argument("--prompt-len", type=int, default=32)
-    b.add_argument("--new-tokens", type=int, default=32)
-    b.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
-    b.add_argument("--prefill", type=int, nargs="+", default=[512])
-    b.add_argument("--no-hf", action="store_true", help="time this runtime only")
-    b.add_argument("--turns", type=int, default=4, help="multi-turn case: turns (0 = skip)")
+    b = sub.add_parser(
+        "bench", help="time one or more model folders and HF eager side by side",
+        description="Time prefill and decode for one or more exported folders of one model (typically a fused "
+        "and a portable one) and HF transformers eager, in one process: each measurement times every runtime "
+        "back to back. Prints a table (or --json); every ratio is against HF eager, plus fused/portable when "
+        "both graphs are given.")
+    b.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
+                   help="exported model folders, all of the same model (e.g. X-fused X-portable); rows are "
+                   "labelled by graph kind, plus the folder name when two have the same kind")
+    b.add_argument("--reference", help="HF checkpoint folder or preset name for the HF eager reference "
+                   "(required unless --no-hf); a preset takes its seed and layers from the first folder's export")
+    b.add_argument("--seed", type=int, default=None,
+                   help="preset seed for --reference (default: the one the first folder was exported with)")
+    b.add_argument("--layers", type=int, default=None,
+                   help="preset layer count for --reference (default: the one the first folder was exported with)")
+    b.add_argument("--threads", type=int, default=2,
+                   help="intra-op threads for ONNX Runtime and for torch (default 2)")
+    b.add_argument("--prompt-len", type=int, default=32,
+                   help="decode: prompt tokens before the timed steps; multi-turn: new user tokens a turn (default 32)")
+    b.add_argument("--new-tokens", type=int, default=128,
+                   help="decode: timed greedy steps per batch size; multi-turn: reply length (default 128)")
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16], metavar="B",
+                   help="decode batch sizes (default 1 4 16)")
+    b.add_argument("--prefill", type=int, nargs="+", default=[512, 4096], metavar="N",
+                   help="prefill prompt lengths in tokens, batch 1 (default 512 4096)")
+    b.add_argument("--no-hf", action="store_true", help="time the model folders only (no HF reference)")
+    b.add_argument("--turns", type=int, default=4,
+                   help="multi-turn case on the first folder: turns, TTFT with the state carried vs re-prefilled "
+                   "(default 4; 0 = skip)")
     b.add_argument("--long", type=int, default=0, metavar="N",
-                   help="long-prompt case: prefill N tokens in chunks, report time, peak RSS growth and K/V bytes")
+                   help="long-prompt case on the first folder: prefill N tokens in chunks, report time, peak RSS "
+                   "growth and K/V bytes (default 0 = skip)")
     b.add_argument("--chunk-size", type=int, default=None,
                    help="prefill chunk for --long (default: sized to the attention budget, see Model.chunk_length)")
     b.add_argument("--no-spin", action="store_true", help="idle ONNX Runtime workers sleep instead of spinning")
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--json", action="store_true",
+                   help="print the results as JSON (per-runtime rows; the shape is in granite_onnx/bench.py)")
     b.set_defaults(fn=cmd_bench)
 
     pr = sub.add_parser("presets", help="list the preset shapes")

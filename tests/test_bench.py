@@ -1,0 +1,88 @@
+"""`granite-onnx bench` with a fused and a portable folder of one model and HF eager in one process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from granite_onnx.bench import HF_LABEL, runtime_labels
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "granite_onnx.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def fused_and_portable(test_model_last_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The session's 'test' folder (seed 1) and the same model exported with the other graph kind."""
+    from granite_onnx.export.exporter import ExportOptions, export
+
+    meta = json.loads((test_model_last_dir / "granite_config.json").read_text())
+    other = "portable" if meta["graph"] == "fused" else "fused"
+    out = tmp_path_factory.mktemp("bench") / f"test-{other}"
+    export(preset_name="test", seed=1, out=out, options=ExportOptions(logits=meta["logits"], optimize=other == "fused",
+                                                                      parity_check=False))
+    folders = {meta["graph"]: test_model_last_dir, other: out}
+    return folders["fused"], folders["portable"]
+
+
+def test_bench_fused_portable_and_hf_side_by_side(fused_and_portable: tuple[Path, Path]) -> None:
+    fused, portable = fused_and_portable
+    r = run("bench", str(fused), str(portable), "--reference", "test", "--batch", "1", "--new-tokens", "4",
+            "--prefill", "16", "--turns", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    print(res["table"])
+    labels = ["fused", "portable"]
+    assert res["runtimes"] == labels + [HF_LABEL]
+    assert [(f["label"], f["graph"], f["dir"]) for f in res["folders"]] == [
+        ("fused", "fused", str(fused)), ("portable", "portable", str(portable))]
+    assert res["fused_vs_portable"] == {"fused": "fused", "portable": "portable"}
+    assert res["reference"]["source"] == "test"
+
+    (p,) = res["prefill"]
+    assert p["tokens"] == 16 and all(p["s"][lab] > 0 for lab in res["runtimes"])
+    assert set(p["vs_hf"]) == set(labels) and all(v > 0 for v in p["vs_hf"].values())
+    assert p["fused_over_portable"] == pytest.approx(p["s"]["portable"] / p["s"]["fused"])
+
+    (d,) = res["decode"]
+    assert d["batch"] == 1 and set(d["runtimes"]) == set(res["runtimes"])
+    for lab, row in d["runtimes"].items():
+        assert row["tok_s"] > 0 and row["ttft_s"] > 0 and row["gb_s"] > 0, (lab, row)
+        assert (row["outside_run_share"] is None) == (lab == HF_LABEL)
+    tok = {lab: row["tok_s"] for lab, row in d["runtimes"].items()}
+    assert d["vs_hf"] == pytest.approx({lab: tok[lab] / tok[HF_LABEL] for lab in labels})
+    assert d["fused_over_portable"] == pytest.approx(tok["fused"] / tok["portable"])
+
+    assert set(res["memory"]) == set(res["runtimes"]) and res["peak_rss_mb"] > 0
+    if Path("/proc/self/clear_refs").exists():
+        assert all(m["peak_growth_mb"] is not None for m in res["memory"].values())
+    assert "multi_turn" not in res and res["machine_bandwidth_gb_s"] > 0
+    assert "fused/portable" in res["table"] and HF_LABEL in res["table"]
+
+
+def test_bench_refuses_folders_of_different_models(test_model_last_dir: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(test_model_last_dir, other)
+    meta = json.loads((other / "granite_config.json").read_text())
+    meta["config"]["vocab_size"] += 1
+    (other / "granite_config.json").write_text(json.dumps(meta))
+    r = run("bench", str(test_model_last_dir), str(other), "--reference", "test")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "different models" in r.stderr and "vocab_size" in r.stderr and "Traceback" not in r.stderr
+
+    r = run("bench", str(test_model_last_dir), str(test_model_last_dir), "--no-hf")
+    assert r.returncode == 2 and "given twice" in r.stderr
+
+
+def test_labels_add_the_folder_name_where_graph_kinds_repeat() -> None:
+    dirs = [Path("/a/x-fused"), Path("/a/x-int4"), Path("/a/x-portable"), Path("/b/x-fused")]
+    assert runtime_labels(dirs[:3], ["fused", "fused", "portable"]) == ["fused (x-fused)", "fused (x-int4)",
+                                                                       "portable"]
+    assert runtime_labels([dirs[0], dirs[3]], ["fused", "fused"]) == ["fused (/a/x-fused)", "fused (/b/x-fused)"]
