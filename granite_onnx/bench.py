@@ -248,8 +248,7 @@ def long_prompt(model: Any, tokens: int, chunk_size: int | None, progress: Calla
     _, st = model.prefill([ids], chunk_size=chunk_size, progress=report)
     dt = time.perf_counter() - t0
     after = _proc_status()
-    kv = sum(int(np.prod(s.concrete_shape(1, st.past_len))) * np.dtype(model.session.dtypes[s.past_name]).itemsize
-             for s in model.session.kv_specs)
+    kv = model.session.kv_nbytes(st)  # what the K/V buffers hold: under shared K/V, their capacity
     recurrent = sum(int(np.prod(s.concrete_shape(1, 0))) * np.dtype(model.session.dtypes[s.past_name]).itemsize
                     for s in model.session.specs if s.kind not in ("key", "value"))
     growth = (after.get("VmHWM", 0) - before.get("VmRSS", 0)) if exact and after else None
@@ -257,7 +256,7 @@ def long_prompt(model: Any, tokens: int, chunk_size: int | None, progress: Calla
             "peak_rss_growth_mb": None if growth is None else growth / 2**20, "kv_mb": kv / 2**20,
             "recurrent_mb": 2 * recurrent / 2**20,  # two buffers (ping-pong)
             "beyond_kv_mb": None if growth is None else (growth - kv) / 2**20,
-            "rss_before_mb": before.get("VmRSS", 0) / 2**20}
+            "rss_before_mb": before.get("VmRSS", 0) / 2**20, "kv_cache": "shared" if st.kv_cap else "grow"}
 
 
 LOAD = " (load)"  # suffix of the memory segment key of a runtime's loading
@@ -594,6 +593,6 @@ def format_table(r: dict[str, Any]) -> str:
         size = g["chunk_size"] or "≤ the attention budget"
         lines += ["", f"long prompt ({g.get('runtime', labels[0])})  {g['tokens']} tokens in {g['chunks']} chunks "
                       f"of {size}: {g['seconds']:.1f} s ({g['tok_s']:.0f} tok/s); peak RSS growth "
-                      f"{_f(g['peak_rss_growth_mb'], '.1f')} MB = K/V {g['kv_mb']:.1f} MB + "
+                      f"{_f(g['peak_rss_growth_mb'], '.1f')} MB = K/V {g['kv_mb']:.1f} MB ({g.get('kv_cache', 'grow')}) + "
                       f"{_f(g['beyond_kv_mb'], '.1f')} MB (recurrent state {g['recurrent_mb']:.1f} MB, fixed)"]
     return "\n".join(lines)
