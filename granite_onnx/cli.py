@@ -276,7 +276,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         res = bench(a.model_dirs, a.reference, seed=a.seed, layers=a.layers, threads=a.threads,
                     prompt_len=a.prompt_len, new_tokens=a.new_tokens, batches=tuple(a.batch),
                     prefill_lens=tuple(a.prefill), skip_hf=a.no_hf, turns=a.turns, long=a.long,
-                    chunk_size=a.chunk_size, spin=False if a.no_spin else None,
+                    chunk_size=a.chunk_size, spin=False if a.no_spin else None, rounds=a.rounds,
                     progress=lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True))
     except BenchError as e:
         print(f"granite-onnx bench: error: {e}", file=sys.stderr)
@@ -403,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk-size", type=int, default=None,
                    help="prefill chunk for --long (default: sized to the attention budget, see Model.chunk_length)")
     b.add_argument("--no-spin", action="store_true", help="idle ONNX Runtime workers sleep instead of spinning")
+    b.add_argument("--rounds", type=int, default=1,
+                   help="repeat every interleaved prefill/decode measurement this many times and keep each "
+                   "runtime's best (default 1; 3 steadies the ratios on a loaded machine)")
     b.add_argument("--json", action="store_true",
                    help="print the results as JSON (per-runtime rows; the shape is in granite_onnx/bench.py)")
     b.set_defaults(fn=cmd_bench)

@@ -19,25 +19,20 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def fused_and_portable(test_model_last_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The session's 'test' folder (seed 1) and the same model exported with the other graph kind."""
-    from granite_onnx.export.exporter import ExportOptions, export
-
-    meta = json.loads((test_model_last_dir / "granite_config.json").read_text())
-    other = "portable" if meta["graph"] == "fused" else "fused"
-    out = tmp_path_factory.mktemp("bench") / f"test-{other}"
-    export(preset_name="test", seed=1, out=out, options=ExportOptions(logits=meta["logits"], optimize=other == "fused",
-                                                                      parity_check=False))
-    folders = {meta["graph"]: test_model_last_dir, other: out}
-    return folders["fused"], folders["portable"]
+def fused_and_portable(test_model_fused_dir: Path, test_model_last_dir: Path) -> tuple[Path, Path]:
+    """The session's 'test' model (seed 1), exported fused and portable."""
+    assert json.loads((test_model_fused_dir / "granite_config.json").read_text())["graph"] == "fused"
+    assert json.loads((test_model_last_dir / "granite_config.json").read_text())["graph"] == "portable"
+    return test_model_fused_dir, test_model_last_dir
 
 
 def test_bench_fused_portable_and_hf_side_by_side(fused_and_portable: tuple[Path, Path]) -> None:
     fused, portable = fused_and_portable
     r = run("bench", str(fused), str(portable), "--reference", "test", "--batch", "1", "--new-tokens", "4",
-            "--prefill", "16", "--turns", "0", "--json")
+            "--prefill", "16", "--turns", "0", "--rounds", "2", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
+    assert res["rounds"] == 2 and "best of 2 rounds" in res["table"]
     print(res["table"])
     labels = ["fused", "portable"]
     assert res["runtimes"] == labels + [HF_LABEL]
