@@ -13,7 +13,9 @@ exits 0 — this script is safe to run anywhere. Otherwise it:
    `run_with_iobinding`) and prefill tokens/s at 512 and 2048 tokens, next to the CPU's.
 
 On CUDA the state (K/V, recurrent) lives on the device between steps and only the ids go in; the graph
-has no argmax, so each step copies the last position's logits [B, 1, V] to the host for sampling.
+has no argmax, so each step copies the last position's logits [B, 1, V] to the host for sampling. A fused
+folder shares past and present K/V in one device buffer (GroupQueryAttention appends in place); the check
+also runs it with separate buffers (kv_cache="grow") and requires the same greedy tokens.
 """
 
 from __future__ import annotations
@@ -98,6 +100,13 @@ def check(folder: Path, out: dict) -> bool:
     print(f"greedy, batch of 3 mixed lengths, 32 tokens: CUDA == CPU {a == b}; chunked (7) == one-shot {b == c}")
     out["greedy_equal"] = same
     ok &= same
+
+    if gpu.session.kv_shared:
+        grow = Model.load(folder, provider="cuda", kv_cache="grow")
+        e = [r.token_ids for r in grow.generate(prompts, cfg)]
+        print(f"shared K/V buffer == separate past/present buffers on CUDA: {e == b}")
+        out["shared_kv_equal"] = e == b
+        ok &= e == b
 
     snap = gpu.prefix(prompts[1][:20])  # the host round trip of the state works on the device too
     d = gpu.generate([prompts[1][20:]], cfg, state=snap)[0].token_ids
