@@ -35,6 +35,7 @@ from granite_onnx.export.fusions import (
     fuse_rms_norm,
     fuse_scale_fold,
     fuse_skip_rms_norm,
+    fuse_softplus,
     fuse_ssm_scan,
     fuse_static_shapes,
     portable_calls,
@@ -57,6 +58,7 @@ REPLACES = {
     "moe": ({"MoE"}, {"MoE"}),
     "attention": ({"Attention"}, {"GroupQueryAttention"}),
     "norms": (set(), {"SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"}),
+    "softplus": (set(), {"Softplus"}),  # the Where/Greater guard around it goes
     "fold": (set(), set()),  # a Mul folded into a weight: counted, and the outputs compared
     "shapes": (set(), set()),  # Reshape stays Reshape: its target becomes a constant (see _dynamic_reshapes)
 }
@@ -153,6 +155,12 @@ def _ops(model: ir.Model) -> set[tuple[str, str]]:
     return {(n.domain, n.op_type) for n in model.graph.all_nodes()}
 
 
+def _guarded_softplus(model: ir.Model) -> list[str]:
+    """Where nodes that pick between x and Softplus(x): torch's threshold guard."""
+    return [n.name for n in model.graph.all_nodes() if n.op_type == "Where" and n.inputs[2] is not None
+            and n.inputs[2].producer() is not None and n.inputs[2].producer().op_type == "Softplus"]
+
+
 def _dynamic_reshapes(model: ir.Model) -> list[str]:
     return [n.name for n in model.graph.all_nodes()
             if n.op_type == "Reshape" and n.inputs[1] is not None and n.inputs[1].const_value is None]
@@ -168,6 +176,7 @@ def _expected_counts(cfg: HybridConfig, logits: str = "all") -> dict[str, int]:
         "skip_rms_norm": 2 * layers - (logits == "last"),
         # layer 0's input norm, each Mamba gated norm (+ the final norm after the last-position Slice)
         "rms_norm": 1 + n_mamba + (logits == "last"),
+        "softplus": n_mamba,  # each Mamba layer's dt
     }
 
 
@@ -203,6 +212,8 @@ def test_each_fusion_fires_and_keeps_outputs(models: dict[str, Portable], fusion
     assert all(any(op == o for _, o in ops) for op in made)
     if fusion == "norms":
         assert ("", "RMSNormalization") not in ops
+    if fusion == "softplus":
+        assert not _guarded_softplus(model)
     _compare(portable, path)
 
 
@@ -420,3 +431,38 @@ def test_scale_fold_refuses_a_weight_another_node_reads() -> None:
     reasons = explain(model, fusions=("fold",))
     assert any("read by 2 nodes" in r for r in reasons.values()), reasons
     assert fuse_scale_fold(model) == 0
+
+
+def _softplus_model(threshold: float, dtype: ir.DataType = F32) -> ir.Model:
+    """Where(Greater(x, t), x, Softplus(x)): torch's F.softplus as torch.onnx exports it."""
+    x = _value("x", dtype, ("n",))
+    t = _value("threshold", dtype, ())
+    t.const_value = ir.tensor(np.asarray(threshold, dtype=dtype.numpy()), name="threshold")
+    sp = ir.node("Softplus", [x], name="/model/layers.0/mamba/Softplus")
+    gt = ir.node("Greater", [x, t], name="/model/layers.0/mamba/Greater")
+    where = ir.node("Where", [gt.outputs[0], x, sp.outputs[0]], name="/model/layers.0/mamba/Where")
+    where.outputs[0].name = "y"
+    graph = ir.Graph([x], [where.outputs[0]], nodes=[sp, gt, where], initializers=[t], opset_imports={"": 23})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_softplus_guard_goes_and_no_value_changes(tmp_path: Path) -> None:
+    model = _softplus_model(20.0)
+    ir.save(model, tmp_path / "before.onnx")
+    assert fuse_softplus(model) == 1
+    cleanup(model)
+    assert [n.op_type for n in model.graph] == ["Softplus"]
+    ir.save(model, tmp_path / "after.onnx")
+    # both sides of the threshold, far negatives, overflow territory for a literal log(1 + exp(x))
+    x = np.concatenate([np.linspace(-1e4, 1e4, 20001), np.linspace(-30, 30, 60001), np.linspace(17, 21, 4001),
+                        [-3e38, -1e30, 88.7, 89.0, 1e4, 1e30, 3e38]]).astype(np.float32)
+    want = _session(tmp_path / "before.onnx").run(None, {"x": x})[0]
+    got = _session(tmp_path / "after.onnx").run(None, {"x": x})[0]
+    assert np.isfinite(got).all()
+    assert np.array_equal(got, want)  # exact: above 17, ORT's Softplus(x) rounds to x itself
+
+
+def test_softplus_guard_stays_below_the_exact_bound_and_for_float16() -> None:
+    assert "Softplus(x) ≠ x" in _refusal(fuse_softplus, _softplus_model(10.0), "softplus")
+    assert "only float32" in _refusal(fuse_softplus, _softplus_model(20.0, ir.DataType.FLOAT16), "softplus")
+

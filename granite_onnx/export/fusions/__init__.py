@@ -8,13 +8,14 @@
 | attention | granite_onnx.Attention              | GroupQueryAttention(do_rotary=0)           | attention.py |
 | norms     | Add + RMSNormalization              | SkipSimplifiedLayerNormalization           | norms.py     |
 |           | RMSNormalization                    | SimplifiedLayerNormalization (ONNX domain) | norms.py     |
+| softplus  | Where(Greater(x, 20), x, Softplus(x)) | Softplus (ORT's is overflow-safe)        | softplus.py  |
 | fold      | MatMul(Mul(x, s)), Mul(MatMul, c)   | MatMul with the scale in its weight        | scale_fold.py |
 | shapes    | Reshape(x, Concat(Shape(..), ..))   | Reshape(x, constant with 0 / -1)           | static_shapes.py |
 |           | identity, chained, MoE-flatten Reshapes | — (removed)                            | static_shapes.py |
 | (always)  | orphaned functions/weights, consts  | —                                          | cleanup.py   |
 
 Order (`fuse_all`): shape inference once (the checks read static heads/dims), then scan, moe,
-attention, norms, fold, shapes, cleanup. The kernel fusions are one-node patterns and independent of
+attention, norms, softplus, fold, shapes, cleanup. The kernel fusions are one-node patterns and independent of
 each other; norms run after them so that the Adds they absorb are final; fold (constant Muls into
 MatMul weights) sees the final Muls; shapes reads the shapes of the contrib ops' outputs and leaves the
 Shape/Concat subgraphs dead; cleanup runs last because it removes what the others orphaned (the
@@ -23,8 +24,8 @@ per-layer copies of the attention-mask arithmetic. Each fusion returns how often
 node it refused stays (ONNX Runtime inlines its portable function), and `explain(model)` says why
 (fuse_all logs it at INFO).
 
-The last two exist for decode speed: a one-token step of a small model is bound by the number of
-kernels, not by arithmetic (see BENCHMARKS.md, "Fused vs HF eager").
+softplus, fold and shapes exist for decode speed: a one-token step of a small model is bound by the
+number of kernels, not by arithmetic (see BENCHMARKS.md, "Fused vs HF eager").
 
 With every fusion firing, the fused graph holds no `granite_onnx.*` node and no Scan/Loop.
 """
@@ -48,11 +49,12 @@ from granite_onnx.export.fusions.moe import fuse_moe, moe_rules
 from granite_onnx.export.fusions.norms import fuse_rms_norm, fuse_skip_rms_norm, rms_norm_rules, skip_rms_norm_rules
 from granite_onnx.export.fusions.scale_fold import fuse_scale_fold, scale_fold_rules
 from granite_onnx.export.fusions.scan import causal_conv_rules, fuse_causal_conv, fuse_ssm_scan, ssm_scan_rules
+from granite_onnx.export.fusions.softplus import fuse_softplus, softplus_rules
 from granite_onnx.export.fusions.static_shapes import fuse_drop_reshapes, fuse_static_shapes
 
 log = logging.getLogger(__name__)
 
-ALL_FUSIONS = ("scan", "moe", "attention", "norms", "fold", "shapes")
+ALL_FUSIONS = ("scan", "moe", "attention", "norms", "softplus", "fold", "shapes")
 
 # fusion name → (count key, rewrite) in the order they run
 _STEPS: dict[str, list[tuple[str, Callable[[ir.Model], int]]]] = {
@@ -60,6 +62,7 @@ _STEPS: dict[str, list[tuple[str, Callable[[ir.Model], int]]]] = {
     "moe": [("moe", fuse_moe)],
     "attention": [("attention", fuse_attention)],
     "norms": [("skip_rms_norm", fuse_skip_rms_norm), ("rms_norm", fuse_rms_norm)],
+    "softplus": [("softplus", fuse_softplus)],
     "fold": [("scale_fold", fuse_scale_fold)],
     "shapes": [("static_reshape", fuse_static_shapes), ("drop_reshape", fuse_drop_reshapes)],
 }
@@ -71,6 +74,7 @@ _RULES: dict[str, pattern.RewriteRuleSet] = {
     "attention": attention_rules,
     "skip_rms_norm": skip_rms_norm_rules,
     "rms_norm": rms_norm_rules,
+    "softplus": softplus_rules,
     "scale_fold": scale_fold_rules,
 }
 
@@ -86,6 +90,7 @@ __all__ = [
     "fuse_rms_norm",
     "fuse_scale_fold",
     "fuse_skip_rms_norm",
+    "fuse_softplus",
     "fuse_ssm_scan",
     "fuse_static_shapes",
     "fuse_drop_reshapes",
@@ -118,8 +123,8 @@ def explain(model: ir.Model, *, fusions: Sequence[str] = ALL_FUSIONS) -> dict[st
 def fuse_all(model: ir.Model, *, fusions: Sequence[str] = ALL_FUSIONS) -> dict[str, int]:
     """Apply `fusions` (a subset of ALL_FUSIONS) and cleanup in place; return the count of each rewrite.
 
-    Keys: causal_conv, ssm_scan, moe, attention, skip_rms_norm, rms_norm, scale_fold, static_reshape,
-    drop_reshape (0 when not requested), and
+    Keys: causal_conv, ssm_scan, moe, attention, skip_rms_norm, rms_norm, softplus, scale_fold,
+    static_reshape, drop_reshape (0 when not requested), and
     `cleanup`: nodes and functions it removed.
     """
     unknown = [f for f in fusions if f not in _STEPS]
