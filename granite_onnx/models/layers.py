@@ -104,8 +104,9 @@ class MambaMixer(nn.Module):
         y, recurrent_state = kernels.call(
             "SSMScan", [x4, dt, A, B.reshape(b, t, g, n), C.reshape(b, t, g, n), recurrent_state],
             {"chunk_size": cfg.mamba_chunk_size})
-        y = y + x4.float() * self.D.float()[:, None]
-        y = y.reshape(b, t, self.d_inner)
+        # D·x on the packed [B, T, H·P] layout (D repeated over each head's P channels): the same products
+        # as on [B, T, H, P], and the fused graph then needs no reshape of x or y around its scan kernel
+        y = y.reshape(b, t, self.d_inner) + x.float() * self.D.float().repeat_interleave(hd)
         # gate *before* the norm (not GatedRMSNorm, which normalises first), in float32
         y = y * F.silu(gate.float())
         y = rms_norm(y.reshape(b, t, g, self.d_inner // g), None, cfg.rms_norm_eps).reshape(b, t, self.d_inner)

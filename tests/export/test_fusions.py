@@ -233,6 +233,14 @@ def test_fuse_all(models: dict[str, Portable], name: str, tmp_path: Path) -> Non
     # each Mamba layer: the gated-norm weight and the residual multiplier go into out_proj
     assert counts["scale_fold"] >= 2 * portable.cfg.layer_types.count(MAMBA)
     assert counts["drop_reshape"] >= 1
+    # the scan kernel takes x as it is and gives y as it is (no reshape or expand around it): dt scales
+    # the key, and D·x is computed on the packed layout
+    for node in model.graph:
+        if node.op_type == "LinearAttention":
+            value = node.inputs[2].producer()
+            assert value is not None and value.op_type == "Split", (node.name, value)
+            assert "Reshape" not in {u.node.op_type for u in node.outputs[0].uses()}, node.name
+    assert not [n.name for n in model.graph if n.op_type == "Expand" and "/mamba/" in n.name]
     ops = _ops(model)
     assert portable_calls(model) == [] and not model.functions
     assert not {op for _, op in ops} & {"Scan", "Loop", "RMSNormalization"}

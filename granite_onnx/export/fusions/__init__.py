@@ -138,9 +138,12 @@ def fuse_all(model: ir.Model, *, fusions: Sequence[str] = ALL_FUSIONS) -> dict[s
     counts["cleanup"] = cleanup(model)
     if "shapes" in fusions:
         # cleanup's folding and de-duplication expose a few more (chained reshapes whose middle target
-        # was not yet a constant): one more pass
-        extra = fuse_drop_reshapes(model)
-        if extra:
+        # was not yet a constant), and a merged pair may itself be an identity the next pass proves:
+        # repeat while passes find some (two or three in practice)
+        for _ in range(4):
+            extra = fuse_drop_reshapes(model)
+            if not extra:
+                break
             counts["drop_reshape"] += extra
             counts["cleanup"] += cleanup(model)
     left = portable_calls(model)

@@ -11,11 +11,15 @@
   layout:
       query = C                      [B, T, G·N]   q_num_heads  = G (one query per group: "inverse
                                                     GQA", each group's C serves its H/G heads)
-      key   = B expanded to H heads  [B, T, H·N]   kv_num_heads = H (the state is per head)
-      value = dt·x                   [B, T, H·P]
+      key   = dt·B, per head         [B, T, H·N]   kv_num_heads = H (the state is per head)
+      value = x                      [B, T, H·P]
       decay = dt·A                   [B, T, H]     log-space, per-head scalar
       state = h0                     [B, H, N, P]  (= [B, H_kv, d_k, d_v]: our layout already)
   output [B, T, H·P] is reshaped back to [B, T, H, P]. D·x and the gated norm stay outside.
+  dt scales the key rather than the value: (dt·B)⊗x = (dt·x)⊗B up to rounding, and dt·B broadcasts B
+  over the heads in the same Mul that a dt·x would need anyway — no Expand of B to H heads, and x goes
+  in as it is, so the reshapes of x to [B, T, H, P] and back cancel (static_shapes drops them; the
+  layer computes D·x on the packed layout for that reason).
 """
 
 from __future__ import annotations
@@ -96,12 +100,14 @@ class SSMScanFusion(pattern.RewriteRuleClassBase):
         groups, d_state = B.shape[2], B.shape[3]
         rep = heads // groups
         s = Scoped(op, scope_of(y))
-        xdt = s.Mul(x, s.Unsqueeze(dt, s.ints([-1]), _what="dt"), _what="xdt")
-        value = s.Reshape(xdt, s.ints([0, 0, heads * head_dim]), _what="value")
+        value = s.Reshape(x, s.ints([0, 0, heads * head_dim]), _what="value")
         decay = s.Mul(dt, A, _what="decay")  # log-space: the kernel applies exp(dt·A)
-        if rep > 1:  # group g serves heads g·rep … g·rep+rep−1 (repeat_interleave, as HF)
-            B = s.Expand(s.Unsqueeze(B, s.ints([3])), s.ints([1, 1, groups, rep, d_state]), _what="key_heads")
-        key = s.Reshape(B, s.ints([0, 0, heads * d_state]), _what="key")
+        if groups == 1:  # dt [B,T,H,1] · B [B,T,1,N] → [B,T,H,N]
+            key = s.Mul(s.Unsqueeze(dt, s.ints([-1]), _what="dt"), B, _what="dt_key")
+        else:  # group g serves heads g·rep … g·rep+rep−1 (repeat_interleave, as HF): [B,T,G,rep,1] · [B,T,G,1,N]
+            key = s.Mul(s.Reshape(dt, s.ints([0, 0, groups, rep, 1]), _what="dt"),
+                        s.Unsqueeze(B, s.ints([3]), _what="key_heads"), _what="dt_key")
+        key = s.Reshape(key, s.ints([0, 0, heads * d_state]), _what="key")
         query = s.Reshape(C, s.ints([0, 0, groups * d_state]), _what="query")
         out, state = s.LinearAttention(query, key, value, h0, decay, update_rule="gated", scale=1.0,
                                        q_num_heads=groups, kv_num_heads=heads, _domain=ORT_DOMAIN, _outputs=2)

@@ -119,6 +119,21 @@ class DimClasses:
             perm = node.attributes.get_ints("perm", list(reversed(range(shapes[0].rank()))))
             for i, p in enumerate(perm):
                 self._union(outs[0][i], shapes[0][p])
+        elif node.domain == "" and node.op_type == "Reshape" and shapes and shapes[0] is not None \
+                and outs[0] is not None and node.attributes.get_int("allowzero", 0) == 0:
+            # a 0 in a constant target copies that input dim (ONNX inference may name it afresh); a single
+            # -1 among dims that all match the input's, rank for rank, is that input dim too (same size)
+            target = ir.convenience.get_const_tensor(node.inputs[1]) if node.inputs[1] is not None else None
+            if target is not None:
+                dims = target.numpy().reshape(-1).tolist()
+                for i, d in enumerate(dims):
+                    if d == 0 and i < min(shapes[0].rank(), outs[0].rank()):
+                        self._union(outs[0][i], shapes[0][i])
+                x = shapes[0]
+                if dims.count(-1) == 1 and len(dims) == x.rank() == outs[0].rank() and all(
+                        d in (0, -1) or (isinstance(x[i], int) and x[i] == d) for i, d in enumerate(dims)):
+                    j = dims.index(-1)
+                    self._union(outs[0][j], x[j])
         elif node.domain == "" and node.op_type == "Split" and shapes and shapes[0] is not None:
             axis = node.attributes.get_int("axis", 0) % shapes[0].rank()
             for out in outs:
