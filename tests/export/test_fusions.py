@@ -230,8 +230,13 @@ def test_fuse_all(models: dict[str, Portable], name: str, tmp_path: Path) -> Non
     print("dynamic Reshape targets left:", left)
     assert counts["static_reshape"] >= 4 * portable.cfg.layer_types.count(MAMBA)
     assert not [n for n in left if "/mamba/" in n]
-    # each Mamba layer: the gated-norm weight and the residual multiplier go into out_proj
-    assert counts["scale_fold"] >= 2 * portable.cfg.layer_types.count(MAMBA)
+    # each Mamba layer: the gated-norm weight and the residual multiplier go into out_proj; each layer's
+    # FFN residual multiplier goes into the shared MLP's (or dense MLP's) down weight and the experts' fc2
+    cfg = portable.cfg
+    assert counts["scale_fold"] >= 2 * cfg.layer_types.count(MAMBA) + cfg.num_layers
+    for node in model.graph:
+        if node.op_type == "MoE":
+            assert [u.node.op_type for u in node.outputs[0].uses()] == ["Add"], node.name
     assert counts["drop_reshape"] >= 1
     # the scan kernel takes x as it is and gives y as it is (no reshape or expand around it): dt scales
     # the key, and D·x is computed on the packed layout
@@ -474,3 +479,64 @@ def test_softplus_guard_stays_below_the_exact_bound_and_for_float16() -> None:
     assert "Softplus(x) ≠ x" in _refusal(fuse_softplus, _softplus_model(10.0), "softplus")
     assert "only float32" in _refusal(fuse_softplus, _softplus_model(20.0, ir.DataType.FLOAT16), "softplus")
 
+
+def _ffn_model(shared_fc2: bool, unflatten: bool) -> ir.Model:
+    """Mul(Add(MatMul(a, W), MoE(x, logits, fc1, –, fc2)), c): the FFN block's residual multiplier.
+    `shared_fc2`: a second MoE reads the same fc2 (the fold must refuse); `unflatten`: the MoE output is
+    reshaped before the Add, as before static_shapes runs."""
+    rng = np.random.default_rng(5)
+    e, d, i, s = 4, 8, 6, 10
+    x, a, logits = _value("x", F32, ("n", d)), _value("a", F32, ("n", s)), _value("logits", F32, ("n", e))
+    inits = [_weight("W", (s, d)), _weight("fc1", (e, 2 * i, d)), _weight("fc2", (e, d, i)), _weight("c", ())]
+    for v in inits:
+        v.const_value = ir.tensor(rng.standard_normal(v.shape.numpy()).astype(np.float32), name=v.name)
+    w, fc1, fc2, c = inits
+    attrs = {"k": 2, "activation_type": "swiglu", "normalize_routing_weights": 1, "swiglu_fusion": 1}
+    mm = ir.node("MatMul", [a, w], name="/model/layers.0/ffn/MatMul_1")
+    moe = ir.node("MoE", [x, logits, fc1, None, fc2], attributes=attrs, domain=ORT_DOMAIN,
+                  name="/model/layers.0/ffn/MoE/MoE")
+    nodes, experts = [mm, moe], moe.outputs[0]
+    if unflatten:
+        shape = _value("shape", ir.DataType.INT64, (2,))
+        shape.const_value = ir.tensor(np.array([-1, d], np.int64), name="shape")
+        inits.append(shape)
+        nodes.append(ir.node("Reshape", [experts, shape], name="/model/layers.0/ffn/Reshape_1"))
+        experts = nodes[-1].outputs[0]
+    add = ir.node("Add", [mm.outputs[0], experts], name="/model/layers.0/ffn/Add")
+    mul = ir.node("Mul", [add.outputs[0], c], name="/model/layers.0/Mul_1")
+    nodes += [add, mul]
+    outs = [mul.outputs[0]]
+    if shared_fc2:
+        other = ir.node("MoE", [x, logits, fc1, None, fc2], attributes=attrs, domain=ORT_DOMAIN, name="/model/other/MoE")
+        nodes.append(other)
+        outs.append(other.outputs[0])
+    for k, o in enumerate(outs):
+        o.name = f"y{k}"
+    graph = ir.Graph([x, a, logits], outs, nodes=nodes, initializers=inits,
+                     opset_imports={"": 23, ORT_DOMAIN: 1})
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize("unflatten", [False, True])
+def test_scale_fold_moves_the_ffn_multiplier_into_both_down_weights(tmp_path: Path, unflatten: bool) -> None:
+    model = _ffn_model(shared_fc2=False, unflatten=unflatten)
+    ir.save(model, tmp_path / "before.onnx")
+    assert fuse_scale_fold(model) == 1
+    cleanup(model)
+    assert "Mul" not in [n.op_type for n in model.graph]
+    assert {n.name for n in model.graph} >= {"/model/layers.0/ffn/MatMul_1", "/model/layers.0/ffn/MoE/MoE"}
+    ir.save(model, tmp_path / "after.onnx")
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((3, 8)).astype(np.float32), "a": rng.standard_normal((3, 10)).astype(np.float32),
+             "logits": rng.standard_normal((3, 4)).astype(np.float32)}
+    want = _session(tmp_path / "before.onnx").run(None, feeds)[0]
+    got = _session(tmp_path / "after.onnx").run(None, feeds)[0]
+    print("max |diff|", np.abs(want - got).max())
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_scale_fold_refuses_experts_another_moe_reads() -> None:
+    model = _ffn_model(shared_fc2=True, unflatten=False)
+    reasons = explain(model, fusions=("fold",))
+    assert any("fc2 is read by 2 nodes" in r for r in reasons.values()), reasons
+    assert fuse_scale_fold(model) == 0

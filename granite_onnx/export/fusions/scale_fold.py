@@ -3,7 +3,9 @@
 * `MatMul(Mul(x, s), W)` with s a constant [K] (or scalar) → `MatMul(x, s[:, None] · W)`
   (the Mamba gated norm's weight before out_proj);
 * `Mul(MatMul(x, W), c)` with c a constant [N] (or scalar) → `MatMul(x, W · c)`
-  (residual_multiplier after out_proj / o_proj).
+  (residual_multiplier after out_proj / o_proj);
+* `Mul(Add(MatMul(a, W), MoE(x, logits, fc1, –, fc2)), c)` → `Add(MatMul(a, W · c), MoE(.., fc2 · c))`
+  (residual_multiplier after the shared MLP + experts: the MoE output is linear in fc2, which has no bias).
 
 Why: at decode widths every node costs a kernel launch of a few µs whatever its size; these Muls are
 pure per-token overhead. The folded weight is a new lazy initializer computed while the model is
@@ -19,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from granite_onnx.export.fusions._common import CPU_FLOAT_TYPES, Scoped, apply, scope_of, static_dims
+from granite_onnx.export.fusions._common import CPU_FLOAT_TYPES, ORT_DOMAIN, Scoped, apply, scope_of, static_dims
 
 
 def _scale_vector(value: ir.Value, length: int) -> str | None:
@@ -109,7 +111,80 @@ class ScaleIntoMatMulOutput(pattern.RewriteRuleClassBase):
         return Scoped(op, scope_of(y)).MatMul(x, _folded(op, w, c, 1, "col_scaled"), _what="MatMul")
 
 
-scale_fold_rules = pattern.RewriteRuleSet([ScaleIntoMatMulInput.rule(), ScaleIntoMatMulOutput.rule()])
+def _folded_experts(op: pattern.RewriterContext, fc2: ir.Value, c: ir.Value) -> ir.Value:
+    """Lazy initializer fc2 · c, c broadcast along fc2's output axis (fc2 is [E, D, I], out × in)."""
+    wt, ct = fc2.const_value, c.const_value
+    name = f"{fc2.name}.out_scaled"
+
+    def compute() -> ir.Tensor:
+        vec = ct.numpy().reshape(-1).astype(wt.numpy().dtype)[None, :, None]
+        return ir.tensor(np.ascontiguousarray(wt.numpy() * vec), name=name)
+
+    return op.initializer(ir.LazyTensor(compute, dtype=wt.dtype, shape=wt.shape, name=name), name=name)
+
+
+class ScaleIntoFeedForward(pattern.RewriteRuleClassBase):
+    """Mul(Add(MatMul(a, W), MoE(…, fc2)), c), c a constant [D] → Add(MatMul(a, W·c), MoE(…, fc2·c))."""
+
+    def pattern(self, op, a, w, x, logits, fc1, fc2, c):
+        shared = op.MatMul(a, w, _outputs=["mm"])
+        experts = op.MoE(x, logits, fc1, None, fc2, _domain=ORT_DOMAIN, _allow_other_attributes=True,
+                         _outputs=["moe"])
+        return op.Mul(op.Add(shared, experts, _outputs=["total"]), c, _outputs=["y"])
+
+    def check(self, op, a, w, x, logits, fc1, fc2, c, mm, moe, total, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        dims = _check_weight(result, w)
+        if dims is None:
+            return result
+        experts = static_dims(fc2, 3)
+        if fc2.const_value is None or experts is None or None in experts:
+            return result.fail(f"{fc2.name} is not a 3-D initializer")
+        if len(fc2.uses()) != 1:
+            return result.fail(f"{fc2.name} is read by {len(fc2.uses())} nodes; folding would change the others")
+        if experts[1] != dims[1]:
+            return result.fail(f"{fc2.name} {fc2.shape} does not output the {dims[1]} features of {w.name}", fc2)
+        for v in (mm, moe, total):
+            if len(v.uses()) != 1 or v.is_graph_output():
+                return result.fail(f"{v.name} has other readers")
+        why = _scale_vector(c, dims[1])
+        if why:
+            return result.fail(why, c)
+        return result
+
+    def rewrite(self, op, a, w, x, logits, fc1, fc2, c, mm, moe, y, shape=None, **_):
+        # the new nodes keep the names of the MatMul and MoE they replace (the scale Mul just goes)
+        attrs = {k: v.value for k, v in moe.producer().attributes.items()}
+        prefix, name = moe.producer().name.rsplit("/", 1)
+        experts = Scoped(op, prefix).MoE(x, logits, fc1, None, _folded_experts(op, fc2, c), _domain=ORT_DOMAIN,
+                                         _what=name, **attrs)
+        if shape is not None:
+            experts = Scoped(op, prefix).Reshape(experts, shape, _what="unflatten")
+        prefix, name = mm.producer().name.rsplit("/", 1)
+        shared = Scoped(op, prefix).MatMul(a, _folded(op, w, c, 1, "col_scaled"), _what=name)
+        return Scoped(op, scope_of(y)).Add(shared, experts, _what="Add")
+
+
+class ScaleIntoFeedForwardReshaped(ScaleIntoFeedForward):
+    """The same with the MoE's [N, D] output reshaped to [B, T, D] before the Add (static_shapes, which
+    runs later, drops that Reshape)."""
+
+    def pattern(self, op, a, w, x, logits, fc1, fc2, c, shape):
+        shared = op.MatMul(a, w, _outputs=["mm"])
+        experts = op.MoE(x, logits, fc1, None, fc2, _domain=ORT_DOMAIN, _allow_other_attributes=True,
+                         _outputs=["moe"])
+        unflat = op.Reshape(experts, shape, _allow_other_attributes=True, _outputs=["unflat"])
+        return op.Mul(op.Add(shared, unflat, _outputs=["total"]), c, _outputs=["y"])
+
+    def check(self, op, unflat, **kw) -> pattern.MatchResult:
+        if len(unflat.uses()) != 1:
+            return pattern.MatchResult().fail(f"{unflat.name} has other readers")
+        return super().check(op, **kw)
+
+
+scale_fold_rules = pattern.RewriteRuleSet([ScaleIntoMatMulInput.rule(), ScaleIntoMatMulOutput.rule(),
+                                           ScaleIntoFeedForward.rule(), ScaleIntoFeedForwardReshaped.rule()],
+                                          commute=True)
 
 
 def fuse_scale_fold(model: ir.Model) -> int:
