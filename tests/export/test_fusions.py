@@ -248,7 +248,7 @@ def test_fuse_all(models: dict[str, Portable], name: str, tmp_path: Path) -> Non
     assert not [n.name for n in model.graph if n.op_type == "Expand" and "/mamba/" in n.name]
     ops = _ops(model)
     assert portable_calls(model) == [] and not model.functions
-    assert not {op for _, op in ops} & {"Scan", "Loop", "RMSNormalization"}
+    assert not {op for _, op in ops} & {"Scan", "Loop", "RMSNormalization", "Div"}  # Div: logits_scaling in Gemm
     assert PORTABLE_DOMAIN not in model.opset_imports and ORT_DOMAIN in model.opset_imports
     # hierarchical names survive: the GQA node sits where the Attention call was
     gqa = [n.name for n in model.graph if n.op_type == "GroupQueryAttention"]
@@ -539,4 +539,50 @@ def test_scale_fold_refuses_experts_another_moe_reads() -> None:
     model = _ffn_model(shared_fc2=True, unflatten=False)
     reasons = explain(model, fusions=("fold",))
     assert any("fc2 is read by 2 nodes" in r for r in reasons.values()), reasons
+    assert fuse_scale_fold(model) == 0
+
+
+def _head_model(divisor: ir.Value | None = None) -> tuple[ir.Model, float]:
+    """Div(Reshape(Gemm(x, E, transB=1), [B, T, V]), s): the tied LM head and logits_scaling."""
+    rng = np.random.default_rng(4)
+    x = _value("x", F32, ("n", 8))
+    emb = _weight("E", (12, 8))
+    emb.const_value = ir.tensor(rng.standard_normal((12, 8)).astype(np.float32), name="E")
+    shape = _value("shape", ir.DataType.INT64, (3,))
+    shape.const_value = ir.tensor(np.array([-1, 1, 12], np.int64), name="shape")
+    inits, inputs = [emb, shape], [x]
+    if divisor is None:
+        divisor = _weight("scaling", ())
+        divisor.const_value = ir.tensor(np.float32(3.3), name="scaling")
+        inits.append(divisor)
+    else:
+        inputs.append(divisor)
+    gemm = ir.node("Gemm", [x, emb], attributes={"transB": 1}, name="/model/lm_head/Gemm")
+    unflat = ir.node("Reshape", [gemm.outputs[0], shape], name="/model/head/Reshape_1")
+    div = ir.node("Div", [unflat.outputs[0], divisor], name="/model/lm_head/Div")
+    div.outputs[0].name = "logits"
+    graph = ir.Graph(inputs, [div.outputs[0]], nodes=[gemm, unflat, div], initializers=inits, opset_imports={"": 23})
+    return ir.Model(graph, ir_version=10), 3.3
+
+
+def test_logits_scaling_goes_into_the_gemm_alpha(tmp_path: Path) -> None:
+    model, scaling = _head_model()
+    ir.save(model, tmp_path / "before.onnx")
+    assert fuse_scale_fold(model) == 1
+    cleanup(model)
+    assert [n.op_type for n in model.graph] == ["Gemm", "Reshape"]
+    (gemm,) = [n for n in model.graph if n.op_type == "Gemm"]
+    assert gemm.attributes.get_float("alpha") == pytest.approx(1 / scaling)
+    ir.save(model, tmp_path / "after.onnx")
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    want = _session(tmp_path / "before.onnx").run(None, {"x": x})[0]
+    got = _session(tmp_path / "after.onnx").run(None, {"x": x})[0]
+    print("max |diff|", np.abs(want - got).max())
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_logits_scaling_stays_when_it_is_not_a_constant() -> None:
+    model, _ = _head_model(divisor=_value("scaling", F32, ()))
+    reasons = explain(model, fusions=("fold",))
+    assert any("not a constant float scalar" in r for r in reasons.values()), reasons
     assert fuse_scale_fold(model) == 0
