@@ -33,6 +33,7 @@ from granite_onnx.export.fusions import (
     fuse_model_file,
     fuse_moe,
     fuse_rms_norm,
+    fuse_router,
     fuse_scale_fold,
     fuse_skip_rms_norm,
     fuse_softplus,
@@ -56,6 +57,7 @@ BATCH, PROMPT, PAD = 2, 37, 5
 REPLACES = {
     "scan": ({"CausalConv1d", "SSMScan"}, {"CausalConvWithState", "LinearAttention"}),
     "moe": ({"MoE"}, {"MoE"}),
+    "router": ({"MoE"}, {"MoE"}),  # run with moe: it merges the router MatMul that moe makes
     "attention": ({"Attention"}, {"GroupQueryAttention"}),
     "norms": (set(), {"SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"}),
     "softplus": (set(), {"Softplus"}),  # the Where/Greater guard around it goes
@@ -161,6 +163,12 @@ def _guarded_softplus(model: ir.Model) -> list[str]:
             and n.inputs[2].producer() is not None and n.inputs[2].producer().op_type == "Softplus"]
 
 
+def _router_matmuls(model: ir.Model) -> list[str]:
+    """MatMuls whose output is a MoE's router logits (the router fusion merges them away)."""
+    return [n.inputs[1].producer().name for n in model.graph.all_nodes() if n.op_type == "MoE"
+            and n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "MatMul"]
+
+
 def _dynamic_reshapes(model: ir.Model) -> list[str]:
     return [n.name for n in model.graph.all_nodes()
             if n.op_type == "Reshape" and n.inputs[1] is not None and n.inputs[1].const_value is None]
@@ -177,6 +185,7 @@ def _expected_counts(cfg: HybridConfig, logits: str = "all") -> dict[str, int]:
         # layer 0's input norm, each Mamba gated norm (+ the final norm after the last-position Slice)
         "rms_norm": 1 + n_mamba + (logits == "last"),
         "softplus": n_mamba,  # each Mamba layer's dt
+        "router": layers if cfg.has_experts else 0,
     }
 
 
@@ -198,7 +207,7 @@ def test_interleave_gate_up_layout() -> None:
 @pytest.mark.parametrize("fusion", ALL_FUSIONS)
 def test_each_fusion_fires_and_keeps_outputs(models: dict[str, Portable], fusion: str, tmp_path: Path) -> None:
     portable = models["test"]
-    path, counts = _fused(portable, tmp_path, (fusion,))
+    path, counts = _fused(portable, tmp_path, ("moe", fusion) if fusion == "router" else (fusion,))
     expected = _expected_counts(portable.cfg)
     fired = {k: v for k, v in counts.items() if k != "cleanup" and v}
     if fusion in ("shapes", "fold"):  # how often they fire depends on the fusions before them
@@ -214,6 +223,8 @@ def test_each_fusion_fires_and_keeps_outputs(models: dict[str, Portable], fusion
         assert ("", "RMSNormalization") not in ops
     if fusion == "softplus":
         assert not _guarded_softplus(model)
+    if fusion == "router":
+        assert not _router_matmuls(model)
     _compare(portable, path)
 
 
@@ -246,6 +257,7 @@ def test_fuse_all(models: dict[str, Portable], name: str, tmp_path: Path) -> Non
             assert value is not None and value.op_type == "Split", (node.name, value)
             assert "Reshape" not in {u.node.op_type for u in node.outputs[0].uses()}, node.name
     assert not [n.name for n in model.graph if n.op_type == "Expand" and "/mamba/" in n.name]
+    assert not _router_matmuls(model)
     ops = _ops(model)
     assert portable_calls(model) == [] and not model.functions
     assert not {op for _, op in ops} & {"Scan", "Loop", "RMSNormalization", "Div"}  # Div: logits_scaling in Gemm
@@ -540,6 +552,58 @@ def test_scale_fold_refuses_experts_another_moe_reads() -> None:
     reasons = explain(model, fusions=("fold",))
     assert any("fc2 is read by 2 nodes" in r for r in reasons.values()), reasons
     assert fuse_scale_fold(model) == 0
+
+
+def _router_model(shared_router: bool) -> ir.Model:
+    """The FFN input side: Split(MatMul(h, W), 2) for the shared MLP, MoE(h, MatMul(Reshape(h, [-1, D]), R)).
+    `shared_router`: another node reads R (the merge must refuse)."""
+    rng = np.random.default_rng(9)
+    e, d, i, s = 4, 8, 6, 10
+    h = _value("h", F32, ("b", "t", d))
+    inits = [_weight("W", (d, 2 * s)), _weight("R", (d, e)), _weight("fc1", (e, 2 * i, d)), _weight("fc2", (e, d, i))]
+    for v in inits:
+        v.const_value = ir.tensor(rng.standard_normal(v.shape.numpy()).astype(np.float32), name=v.name)
+    w, r, fc1, fc2 = inits
+    flat_shape = _value("flat_shape", ir.DataType.INT64, (2,))
+    flat_shape.const_value = ir.tensor(np.array([-1, d], np.int64), name="flat_shape")
+    inits.append(flat_shape)
+    mm = ir.node("MatMul", [h, w], name="/model/layers.0/ffn/MatMul")
+    split = ir.node("Split", [mm.outputs[0]], attributes={"axis": -1, "num_outputs": 2}, num_outputs=2,
+                    name="/model/layers.0/ffn/Split")
+    flat = ir.node("Reshape", [h, flat_shape], name="/model/layers.0/ffn/Reshape")
+    router = ir.node("MatMul", [flat.outputs[0], r], name="/model/layers.0/ffn/MoE/router")
+    moe = ir.node("MoE", [flat.outputs[0], router.outputs[0], fc1, None, fc2], domain=ORT_DOMAIN,
+                  attributes={"k": 2, "activation_type": "swiglu", "normalize_routing_weights": 1, "swiglu_fusion": 1},
+                  name="/model/layers.0/ffn/MoE/MoE")
+    nodes = [mm, split, flat, router, moe]
+    outs = [*split.outputs, moe.outputs[0]]
+    if shared_router:
+        other = ir.node("MatMul", [h, r], name="/model/other/MatMul")
+        nodes.append(other)
+        outs.append(other.outputs[0])
+    for k, o in enumerate(outs):
+        o.name = f"y{k}"
+    graph = ir.Graph([h], outs, nodes=nodes, initializers=inits, opset_imports={"": 23, ORT_DOMAIN: 1})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_router_merges_into_the_shared_projection(tmp_path: Path) -> None:
+    model = _router_model(shared_router=False)
+    ir.save(model, tmp_path / "before.onnx")
+    assert fuse_router(model) == 1
+    cleanup(model)
+    assert [n.op_type for n in model.graph].count("MatMul") == 1 and not _router_matmuls(model)
+    ir.save(model, tmp_path / "after.onnx")
+    h = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
+    want = _session(tmp_path / "before.onnx").run(None, {"h": h})
+    got = _session(tmp_path / "after.onnx").run(None, {"h": h})
+    for name, a, b in zip(("gate", "up", "moe"), want, got):
+        print(name, "max |diff|", np.abs(a - b).max())
+        np.testing.assert_array_equal(b, a)  # the same dot products
+
+
+def test_router_refuses_a_router_weight_another_node_reads() -> None:
+    assert "read by 2 nodes" in _refusal(fuse_router, _router_model(shared_router=True), "router")
 
 
 def _head_model(divisor: ir.Value | None = None) -> tuple[ir.Model, float]:

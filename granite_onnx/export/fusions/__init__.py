@@ -5,6 +5,7 @@
 | scan      | granite_onnx.CausalConv1d           | CausalConvWithState(activation="silu")     | scan.py      |
 |           | granite_onnx.SSMScan                | LinearAttention(update_rule="gated")       | scan.py      |
 | moe       | granite_onnx.MoE                    | MatMul (router logits) + MoE(swiglu)       | moe.py       |
+| router    | router MatMul + shared-MLP MatMul   | one MatMul over both weights + Split       | router.py    |
 | attention | granite_onnx.Attention              | GroupQueryAttention(do_rotary=0)           | attention.py |
 | norms     | Add + RMSNormalization              | SkipSimplifiedLayerNormalization           | norms.py     |
 |           | RMSNormalization                    | SimplifiedLayerNormalization (ONNX domain) | norms.py     |
@@ -15,7 +16,7 @@
 | (always)  | orphaned functions/weights, consts  | —                                          | cleanup.py   |
 
 Order (`fuse_all`): shape inference once (the checks read static heads/dims), then scan, moe,
-attention, norms, softplus, fold, shapes, cleanup. The kernel fusions are one-node patterns and independent of
+router, attention, norms, softplus, fold, shapes, cleanup. The kernel fusions are one-node patterns and independent of
 each other; norms run after them so that the Adds they absorb are final; fold (constant Muls into
 MatMul weights) sees the final Muls; shapes reads the shapes of the contrib ops' outputs and leaves the
 Shape/Concat subgraphs dead; cleanup runs last because it removes what the others orphaned (the
@@ -24,7 +25,7 @@ per-layer copies of the attention-mask arithmetic. Each fusion returns how often
 node it refused stays (ONNX Runtime inlines its portable function), and `explain(model)` says why
 (fuse_all logs it at INFO).
 
-softplus, fold and shapes exist for decode speed: a one-token step of a small model is bound by the
+router, softplus, fold and shapes exist for decode speed: a one-token step of a small model is bound by the
 number of kernels, not by arithmetic (see BENCHMARKS.md, "Fused vs HF eager").
 
 With every fusion firing, the fused graph holds no `granite_onnx.*` node and no Scan/Loop.
@@ -47,6 +48,7 @@ from granite_onnx.export.fusions.attention import attention_rules, fuse_attentio
 from granite_onnx.export.fusions.cleanup import cleanup
 from granite_onnx.export.fusions.moe import fuse_moe, moe_rules
 from granite_onnx.export.fusions.norms import fuse_rms_norm, fuse_skip_rms_norm, rms_norm_rules, skip_rms_norm_rules
+from granite_onnx.export.fusions.router import fuse_router, router_rules
 from granite_onnx.export.fusions.scale_fold import fuse_scale_fold, scale_fold_rules
 from granite_onnx.export.fusions.scan import causal_conv_rules, fuse_causal_conv, fuse_ssm_scan, ssm_scan_rules
 from granite_onnx.export.fusions.softplus import fuse_softplus, softplus_rules
@@ -54,12 +56,13 @@ from granite_onnx.export.fusions.static_shapes import fuse_drop_reshapes, fuse_s
 
 log = logging.getLogger(__name__)
 
-ALL_FUSIONS = ("scan", "moe", "attention", "norms", "softplus", "fold", "shapes")
+ALL_FUSIONS = ("scan", "moe", "router", "attention", "norms", "softplus", "fold", "shapes")
 
 # fusion name → (count key, rewrite) in the order they run
 _STEPS: dict[str, list[tuple[str, Callable[[ir.Model], int]]]] = {
     "scan": [("causal_conv", fuse_causal_conv), ("ssm_scan", fuse_ssm_scan)],
     "moe": [("moe", fuse_moe)],
+    "router": [("router", fuse_router)],
     "attention": [("attention", fuse_attention)],
     "norms": [("skip_rms_norm", fuse_skip_rms_norm), ("rms_norm", fuse_rms_norm)],
     "softplus": [("softplus", fuse_softplus)],
@@ -71,6 +74,7 @@ _RULES: dict[str, pattern.RewriteRuleSet] = {
     "causal_conv": causal_conv_rules,
     "ssm_scan": ssm_scan_rules,
     "moe": moe_rules,
+    "router": router_rules,
     "attention": attention_rules,
     "skip_rms_norm": skip_rms_norm_rules,
     "rms_norm": rms_norm_rules,
@@ -88,6 +92,7 @@ __all__ = [
     "fuse_model_file",
     "fuse_moe",
     "fuse_rms_norm",
+    "fuse_router",
     "fuse_scale_fold",
     "fuse_skip_rms_norm",
     "fuse_softplus",
@@ -123,7 +128,7 @@ def explain(model: ir.Model, *, fusions: Sequence[str] = ALL_FUSIONS) -> dict[st
 def fuse_all(model: ir.Model, *, fusions: Sequence[str] = ALL_FUSIONS) -> dict[str, int]:
     """Apply `fusions` (a subset of ALL_FUSIONS) and cleanup in place; return the count of each rewrite.
 
-    Keys: causal_conv, ssm_scan, moe, attention, skip_rms_norm, rms_norm, softplus, scale_fold,
+    Keys: causal_conv, ssm_scan, moe, router, attention, skip_rms_norm, rms_norm, softplus, scale_fold,
     static_reshape, drop_reshape (0 when not requested), and
     `cleanup`: nodes and functions it removed.
     """
