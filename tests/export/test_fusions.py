@@ -225,6 +225,8 @@ def test_each_fusion_fires_and_keeps_outputs(models: dict[str, Portable], fusion
         assert not _guarded_softplus(model)
     if fusion == "router":
         assert not _router_matmuls(model)
+    if fusion == "attention":  # no RoPE in "test": q, k, v come from one packed MatMul
+        assert all(n.inputs[1] is None and n.inputs[2] is None for n in model.graph if n.op_type == "GroupQueryAttention")
     _compare(portable, path)
 
 
@@ -258,6 +260,7 @@ def test_fuse_all(models: dict[str, Portable], name: str, tmp_path: Path) -> Non
             assert "Reshape" not in {u.node.op_type for u in node.outputs[0].uses()}, node.name
     assert not [n.name for n in model.graph if n.op_type == "Expand" and "/mamba/" in n.name]
     assert not _router_matmuls(model)
+    assert all(n.inputs[1] is None for n in model.graph if n.op_type == "GroupQueryAttention")  # packed QKV
     ops = _ops(model)
     assert portable_calls(model) == [] and not model.functions
     assert not {op for _, op in ops} & {"Scan", "Loop", "RMSNormalization", "Div"}  # Div: logits_scaling in Gemm

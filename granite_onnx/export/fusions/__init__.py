@@ -7,6 +7,7 @@
 | moe       | granite_onnx.MoE                    | MatMul (router logits) + MoE(swiglu)       | moe.py       |
 | router    | router MatMul + shared-MLP MatMul   | one MatMul over both weights + Split       | router.py    |
 | attention | granite_onnx.Attention              | GroupQueryAttention(do_rotary=0)           | attention.py |
+|           | its q/k/v projection MatMuls        | one MatMul → GQA's packed QKV (no RoPE)    | attention.py |
 | norms     | Add + RMSNormalization              | SkipSimplifiedLayerNormalization           | norms.py     |
 |           | RMSNormalization                    | SimplifiedLayerNormalization (ONNX domain) | norms.py     |
 | softplus  | Where(Greater(x, 20), x, Softplus(x)) | Softplus (ORT's is overflow-safe)        | softplus.py  |

@@ -15,6 +15,10 @@ What the contrib op needs (probed against a numpy oracle on ORT 1.32 CPU):
   32k context — still H_q times smaller than the portable kernel's score matrix.
 * `query_seqlens` = T for every row: without it the kernel refuses batch > 1 with T > 1 and P > 0
   ("batch_size must be 1 when sequence_length > 1 and past context is given"), i.e. chunked prefill.
+* Packed QKV: when q, k and v are plain projections of one input (`MatMul(h, W)` → [b, t, heads, d] →
+  BNSH, no RoPE, no bias), one MatMul with the three weights side by side feeds GroupQueryAttention's
+  packed query [B, T, (Hq + 2·Hkv)·d] (key and value absent): two fewer MatMul launches per layer,
+  the same dot products. The merged weight is a lazy initializer.
 
 Equality with the portable graph: output rows of real tokens, and all of present K/V, agree to
 float rounding. Rows of *padding* queries differ: no key is visible to them, and the portable kernel
@@ -76,6 +80,38 @@ def _heads(q: ir.Value, k: ir.Value, v: ir.Value, past_key: ir.Value, past_value
     return hq, hkv, d
 
 
+def _projection(x: ir.Value) -> tuple[ir.Value, ir.Value] | None:
+    """(h, W) when `x` = Transpose[0,2,1,3](Reshape(MatMul(h, W))) with W a 2-D initializer and every
+    intermediate read once — a head split of a plain projection (no RoPE, no bias) — else None."""
+    node = x.producer()
+    if node is None or node.op_type != "Transpose" or list(node.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
+        return None
+    chain = [node]
+    for op_type in ("Reshape", "MatMul"):
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if node is None or node.op_type != op_type or node.domain != "":
+            return None
+        chain.append(node)
+    if any(len(n.outputs[0].uses()) != 1 or n.outputs[0].is_graph_output() for n in chain):
+        return None
+    h, w = node.inputs
+    if w is None or w.const_value is None or static_dims(w, 2) is None or len(w.uses()) != 1:
+        return None
+    return h, w
+
+
+def _packed_qkv(op: pattern.RewriterContext, weights: list[ir.Value]) -> ir.Value:
+    """Lazy initializer [Wq | Wk | Wv] along the output axis."""
+    tensors = [w.const_value for w in weights]
+    name = f"{weights[0].name}.qkv"
+    shape = ir.Shape([tensors[0].shape[0], sum(t.shape[1] for t in tensors)])
+
+    def compute() -> ir.Tensor:
+        return ir.tensor(np.ascontiguousarray(np.concatenate([t.numpy() for t in tensors], axis=1)), name=name)
+
+    return op.initializer(ir.LazyTensor(compute, dtype=tensors[0].dtype, shape=shape, name=name), name=name)
+
+
 class AttentionFusion(pattern.RewriteRuleClassBase):
     """Attention call → GroupQueryAttention with seqlens/bias derived from the mask."""
 
@@ -109,7 +145,15 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
 
         batch = s.Shape(mask, start=0, end=1, _what="batch")  # [1] int64
         total = s.Shape(mask, start=1, end=2, _what="total")  # P + T
-        query = packed(q, hq, "query")
+        # before any node below reads q/k/v (their single reader is what _projection checks)
+        projections = [_projection(x) for x in (q, k, v)]
+        if all(projections) and len({p[0] for p in projections}) == 1 and \
+                len({p[1].const_value.dtype for p in projections}) == 1:
+            # GQA's packed-QKV form; the three projections and their head splits fall out with cleanup
+            query = s.MatMul(projections[0][0], _packed_qkv(op, [p[1] for p in projections]), _what="qkv")
+            key = value = None
+        else:
+            query, key, value = packed(q, hq, "query"), packed(k, hkv, "key"), packed(v, hkv, "value")
         # T from the graph's input_ids when there is one, so that every attention layer builds the same
         # bias (cleanup then keeps one); else from the packed query (not q, so q's transposes cancel)
         ids = _graph_input(mask, io.INPUT_IDS)
@@ -126,7 +170,7 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         bias = s.Unsqueeze(s.Where(padding, lowest, zero, _what="bias"), s.ints([1, 2]), _what="bias")  # [B,1,1,S]
         bias = s.Expand(bias, s.Concat(batch, s.ints([1]), new, total, axis=0, _what="bias_shape"), _what="bias")
         return s.GroupQueryAttention(
-            query, packed(k, hkv, "key"), packed(v, hkv, "value"), past_key, past_value,
+            query, key, value, past_key, past_value,
             seqlens_k, total_len, None, None, None, bias, None, None, None, None, None, query_seqlens,
             num_heads=hq, kv_num_heads=hkv, scale=scale, do_rotary=0, _domain=ORT_DOMAIN, _outputs=3)
 
