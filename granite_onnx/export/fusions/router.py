@@ -87,8 +87,8 @@ class RouterIntoSharedProjection(pattern.RewriteRuleClassBase):
         attrs = {k: v.value for k, v in node.attributes.items()}
         prefix, name = node.name.rsplit("/", 1)
         if x is flat:  # the MoE read the flatten this rewrite removes: it gets its own (static_shapes drops it)
-            prefix, name = flat.producer().name.rsplit("/", 1)
-            x = Scoped(op, prefix).Reshape(h, flat_shape, _what=name)
+            flat_prefix, flat_name = flat.producer().name.rsplit("/", 1)
+            x = Scoped(op, flat_prefix).Reshape(h, flat_shape, _what=flat_name)
         return gate, up, Scoped(op, prefix).MoE(x, logits2, fc1, None, fc2, _domain=ORT_DOMAIN, _what=name, **attrs)
 
 
