@@ -32,6 +32,7 @@ from granite_onnx.export.fusions import (
     fuse_causal_conv,
     fuse_model_file,
     fuse_moe,
+    fuse_moe_split,
     fuse_rms_norm,
     fuse_router,
     fuse_scale_fold,
@@ -58,6 +59,7 @@ REPLACES = {
     "scan": ({"CausalConv1d", "SSMScan"}, {"CausalConvWithState", "LinearAttention"}),
     "moe": ({"MoE"}, {"MoE"}),
     "router": ({"MoE"}, {"MoE"}),  # run with moe: it merges the router MatMul that moe makes
+    "moe_split": ({"MoE"}, {"MoE"}),  # run with moe: it splits the experts of the MoE that moe makes
     "attention": ({"Attention"}, {"GroupQueryAttention"}),
     "norms": (set(), {"SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"}),
     "softplus": (set(), {"Softplus"}),  # the Where/Greater guard around it goes
@@ -169,6 +171,16 @@ def _router_matmuls(model: ir.Model) -> list[str]:
             and n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "MatMul"]
 
 
+def _assert_split_experts(model: ir.Model, cfg: HybridConfig) -> None:
+    """Every MoE node runs 2E half-experts, top-2k, and keeps its name."""
+    moes = [n for n in model.graph.all_nodes() if n.op_type == "MoE"]
+    assert len(moes) == cfg.num_layers
+    for n in moes:
+        assert n.name.endswith("/MoE/MoE"), n.name
+        assert n.attributes.get_int("k") == 2 * cfg.num_experts_per_tok
+        assert list(n.inputs[2].shape) == [2 * cfg.num_experts, cfg.intermediate_size, cfg.hidden_size]
+
+
 def _dynamic_reshapes(model: ir.Model) -> list[str]:
     return [n.name for n in model.graph.all_nodes()
             if n.op_type == "Reshape" and n.inputs[1] is not None and n.inputs[1].const_value is None]
@@ -186,6 +198,7 @@ def _expected_counts(cfg: HybridConfig, logits: str = "all") -> dict[str, int]:
         "rms_norm": 1 + n_mamba + (logits == "last"),
         "softplus": n_mamba,  # each Mamba layer's dt
         "router": layers if cfg.has_experts else 0,
+        "moe_split": layers if cfg.has_experts else 0,
     }
 
 
@@ -207,7 +220,7 @@ def test_interleave_gate_up_layout() -> None:
 @pytest.mark.parametrize("fusion", ALL_FUSIONS)
 def test_each_fusion_fires_and_keeps_outputs(models: dict[str, Portable], fusion: str, tmp_path: Path) -> None:
     portable = models["test"]
-    path, counts = _fused(portable, tmp_path, ("moe", fusion) if fusion == "router" else (fusion,))
+    path, counts = _fused(portable, tmp_path, ("moe", fusion) if fusion in ("router", "moe_split") else (fusion,))
     expected = _expected_counts(portable.cfg)
     fired = {k: v for k, v in counts.items() if k != "cleanup" and v}
     if fusion in ("shapes", "fold"):  # how often they fire depends on the fusions before them
@@ -225,6 +238,8 @@ def test_each_fusion_fires_and_keeps_outputs(models: dict[str, Portable], fusion
         assert not _guarded_softplus(model)
     if fusion == "router":
         assert not _router_matmuls(model)
+    if fusion == "moe_split":
+        _assert_split_experts(model, portable.cfg)
     if fusion == "attention":  # no RoPE in "test": q, k, v come from one packed MatMul
         assert all(n.inputs[1] is None and n.inputs[2] is None for n in model.graph if n.op_type == "GroupQueryAttention")
     _compare(portable, path)
@@ -260,6 +275,8 @@ def test_fuse_all(models: dict[str, Portable], name: str, tmp_path: Path) -> Non
             assert "Reshape" not in {u.node.op_type for u in node.outputs[0].uses()}, node.name
     assert not [n.name for n in model.graph if n.op_type == "Expand" and "/mamba/" in n.name]
     assert not _router_matmuls(model)
+    if cfg.has_experts:
+        _assert_split_experts(model, cfg)
     assert all(n.inputs[1] is None for n in model.graph if n.op_type == "GroupQueryAttention")  # packed QKV
     ops = _ops(model)
     assert portable_calls(model) == [] and not model.functions
@@ -653,3 +670,58 @@ def test_logits_scaling_stays_when_it_is_not_a_constant() -> None:
     reasons = explain(model, fusions=("fold",))
     assert any("not a constant float scalar" in r for r in reasons.values()), reasons
     assert fuse_scale_fold(model) == 0
+
+
+def _moe_model(router_matmul: bool, inter: int = 6, attrs: dict | None = None) -> ir.Model:
+    """com.microsoft.MoE as moe.py makes it; the logits from MatMul(x, R) or a graph input."""
+    rng = np.random.default_rng(11)
+    e, d = 5, 8
+    x = _value("x", F32, ("n", d))
+    inits = [_weight("fc1", (e, 2 * inter, d)), _weight("fc2", (e, d, inter))]
+    inputs = [x]
+    nodes = []
+    if router_matmul:
+        inits.append(_weight("R", (d, e)))
+        router = ir.node("MatMul", [x, inits[-1]], name="/model/layers.0/ffn/MoE/router")
+        nodes.append(router)
+        logits = router.outputs[0]
+    else:
+        logits = _value("logits", F32, ("n", e))
+        inputs.append(logits)
+    for v in inits:
+        v.const_value = ir.tensor(rng.standard_normal(v.shape.numpy()).astype(np.float32), name=v.name)
+    attrs = attrs or {"k": 2, "activation_type": "swiglu", "normalize_routing_weights": 1, "swiglu_fusion": 1}
+    moe = ir.node("MoE", [x, logits, inits[0], None, inits[1]], attributes=attrs, domain=ORT_DOMAIN,
+                  name="/model/layers.0/ffn/MoE/MoE")
+    moe.outputs[0].name = "y"
+    nodes.append(moe)
+    graph = ir.Graph(inputs, [moe.outputs[0]], nodes=nodes, initializers=inits, opset_imports={"": 23, ORT_DOMAIN: 1})
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize("router_matmul", [True, False])
+def test_moe_split_into_half_experts_keeps_outputs(tmp_path: Path, router_matmul: bool) -> None:
+    model = _moe_model(router_matmul)
+    ir.save(model, tmp_path / "before.onnx")
+    assert fuse_moe_split(model) == 1
+    cleanup(model)
+    ops = [n.op_type for n in model.graph]
+    # the duplicated logits: the router weight's columns repeated, or a Concat of a logits input
+    assert ops == (["MatMul", "MoE"] if router_matmul else ["Concat", "MoE"]), ops
+    ir.save(model, tmp_path / "after.onnx")
+    rng = np.random.default_rng(0)
+    before, after = _session(tmp_path / "before.onnx"), _session(tmp_path / "after.onnx")
+    for n in (1, 3, 7):  # a decode step, and tokens sharing experts (several rows per expert GEMM)
+        feeds = {"x": rng.standard_normal((n, 8)).astype(np.float32)}
+        if not router_matmul:
+            feeds["logits"] = rng.standard_normal((n, 5)).astype(np.float32)
+        want, got = before.run(None, feeds)[0], after.run(None, feeds)[0]
+        print(n, "max |diff|", np.abs(want - got).max())
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_split_refuses_odd_widths_and_a_clamped_swiglu() -> None:
+    assert "not a multiple of 2" in _refusal(fuse_moe_split, _moe_model(False, inter=5), "moe_split")
+    clamped = {"k": 2, "activation_type": "swiglu", "normalize_routing_weights": 1, "swiglu_fusion": 1,
+               "swiglu_limit": 7.0}
+    assert "swiglu_limit" in _refusal(fuse_moe_split, _moe_model(False, attrs=clamped), "moe_split")

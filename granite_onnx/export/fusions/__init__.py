@@ -5,6 +5,7 @@
 | scan      | granite_onnx.CausalConv1d           | CausalConvWithState(activation="silu")     | scan.py      |
 |           | granite_onnx.SSMScan                | LinearAttention(update_rule="gated")       | scan.py      |
 | moe       | granite_onnx.MoE                    | MatMul (router logits) + MoE(swiglu)       | moe.py       |
+| moe_split | MoE over E experts, top-k           | MoE over 2E half-experts, top-2k           | moe_split.py |
 | router    | router MatMul + shared-MLP MatMul   | one MatMul over both weights + Split       | router.py    |
 | attention | granite_onnx.Attention              | GroupQueryAttention(do_rotary=0)           | attention.py |
 |           | its q/k/v projection MatMuls        | one MatMul → GQA's packed QKV (no RoPE)    | attention.py |
@@ -17,7 +18,7 @@
 | (always)  | orphaned functions/weights, consts  | —                                          | cleanup.py   |
 
 Order (`fuse_all`): shape inference once (the checks read static heads/dims), then scan, moe,
-router, attention, norms, softplus, fold, shapes, cleanup. The kernel fusions are one-node patterns and independent of
+moe_split, router, attention, norms, softplus, fold, shapes, cleanup. The kernel fusions are one-node patterns and independent of
 each other; norms run after them so that the Adds they absorb are final; fold (constant Muls into
 MatMul weights) sees the final Muls; shapes reads the shapes of the contrib ops' outputs and leaves the
 Shape/Concat subgraphs dead; cleanup runs last because it removes what the others orphaned (the
@@ -27,7 +28,8 @@ node it refused stays (ONNX Runtime inlines its portable function), and `explain
 (fuse_all logs it at INFO).
 
 router, softplus, fold and shapes exist for decode speed: a one-token step of a small model is bound by the
-number of kernels, not by arithmetic (see BENCHMARKS.md, "Fused vs HF eager").
+number of kernels, not by arithmetic (see BENCHMARKS.md, "Fused vs HF eager"); moe_split too, for the
+balance of the MoE kernel's threads.
 
 With every fusion firing, the fused graph holds no `granite_onnx.*` node and no Scan/Loop.
 """
@@ -48,6 +50,7 @@ from granite_onnx.export.fusions._common import PORTABLE_DOMAIN, infer_shapes
 from granite_onnx.export.fusions.attention import attention_rules, fuse_attention
 from granite_onnx.export.fusions.cleanup import cleanup
 from granite_onnx.export.fusions.moe import fuse_moe, moe_rules
+from granite_onnx.export.fusions.moe_split import fuse_moe_split, moe_split_rules
 from granite_onnx.export.fusions.norms import fuse_rms_norm, fuse_skip_rms_norm, rms_norm_rules, skip_rms_norm_rules
 from granite_onnx.export.fusions.router import fuse_router, router_rules
 from granite_onnx.export.fusions.scale_fold import fuse_scale_fold, scale_fold_rules
@@ -57,12 +60,13 @@ from granite_onnx.export.fusions.static_shapes import fuse_drop_reshapes, fuse_s
 
 log = logging.getLogger(__name__)
 
-ALL_FUSIONS = ("scan", "moe", "router", "attention", "norms", "softplus", "fold", "shapes")
+ALL_FUSIONS = ("scan", "moe", "moe_split", "router", "attention", "norms", "softplus", "fold", "shapes")
 
 # fusion name → (count key, rewrite) in the order they run
 _STEPS: dict[str, list[tuple[str, Callable[[ir.Model], int]]]] = {
     "scan": [("causal_conv", fuse_causal_conv), ("ssm_scan", fuse_ssm_scan)],
     "moe": [("moe", fuse_moe)],
+    "moe_split": [("moe_split", fuse_moe_split)],
     "router": [("router", fuse_router)],
     "attention": [("attention", fuse_attention)],
     "norms": [("skip_rms_norm", fuse_skip_rms_norm), ("rms_norm", fuse_rms_norm)],
@@ -76,6 +80,7 @@ _RULES: dict[str, pattern.RewriteRuleSet] = {
     "ssm_scan": ssm_scan_rules,
     "moe": moe_rules,
     "router": router_rules,
+    "moe_split": moe_split_rules,
     "attention": attention_rules,
     "skip_rms_norm": skip_rms_norm_rules,
     "rms_norm": rms_norm_rules,
@@ -92,6 +97,7 @@ __all__ = [
     "fuse_causal_conv",
     "fuse_model_file",
     "fuse_moe",
+    "fuse_moe_split",
     "fuse_rms_norm",
     "fuse_router",
     "fuse_scale_fold",
@@ -129,8 +135,8 @@ def explain(model: ir.Model, *, fusions: Sequence[str] = ALL_FUSIONS) -> dict[st
 def fuse_all(model: ir.Model, *, fusions: Sequence[str] = ALL_FUSIONS) -> dict[str, int]:
     """Apply `fusions` (a subset of ALL_FUSIONS) and cleanup in place; return the count of each rewrite.
 
-    Keys: causal_conv, ssm_scan, moe, router, attention, skip_rms_norm, rms_norm, softplus, scale_fold,
-    static_reshape, drop_reshape (0 when not requested), and
+    Keys: causal_conv, ssm_scan, moe, moe_split, router, attention, skip_rms_norm, rms_norm, softplus,
+    scale_fold, static_reshape, drop_reshape (0 when not requested), and
     `cleanup`: nodes and functions it removed.
     """
     unknown = [f for f in fusions if f not in _STEPS]
