@@ -537,8 +537,17 @@ def _quantize_embedding(nodes: list[NodeProto], getters: Mapping[str, WeightGett
             out.append(helper.make_node("Reshape", [blocks, shape], list(n.output), name=f"{n.name}/Reshape"))
             counts["embedding"] += 1
         elif n is heads[0]:
-            out.append(quant.quantized_head_node(n.input[0], n.output[0], EMBED, d, q.n,
+            # a fused graph's head Gemm may carry logits_scaling as alpha (fusions/scale_fold.py): keep it
+            alpha = next((a.f for a in n.attribute if a.name == "alpha"), 1.0)
+            head_out = n.output[0] if alpha == 1.0 else f"{n.output[0]}/unscaled"
+            out.append(quant.quantized_head_node(n.input[0], head_out, EMBED, d, q.n,
                                                  _renamed(n.name, "Gemm", "MatMulNBits")))
+            if alpha != 1.0:
+                scale = f"{n.name}/alpha"
+                out.append(helper.make_node("Constant", [], [scale], name=f"{n.name}/alpha",
+                                            value=helper.make_tensor(scale, helper.np_dtype_to_tensor_dtype(
+                                                np_dtype(fmt)), [], [alpha])))
+                out.append(helper.make_node("Mul", [head_out, scale], list(n.output), name=f"{n.name}/alpha_Mul"))
             counts["lm_head"] += 1
         else:
             out.append(n)
@@ -579,6 +588,9 @@ def optimize_with_format(in_dir: str | Path, out_dir: str | Path, *, precision: 
     from granite_onnx.export.folder import atomic_folder
 
     if meta.get("graph") == "fused":
+        why = _split_experts_problem(src / MODEL_FILE, fmt)
+        if why:
+            raise ExportError(why)
         with atomic_folder(out, overwrite=overwrite, tag="quant") as tmp:
             report = _quantize_into(src, tmp, meta, fmt)
         return report
@@ -589,6 +601,27 @@ def optimize_with_format(in_dir: str | Path, out_dir: str | Path, *, precision: 
         from granite_onnx.export.optimize import optimize_folder
 
         return optimize_folder(Path(t), out, overwrite=overwrite)
+
+
+def _split_experts_problem(model_path: Path, fmt: WeightFormat) -> str | None:
+    """Why `fmt` cannot quantize the experts of a fused graph, or None.
+
+    A fused graph's MoE experts are split in halves of their intermediate units (fusions/moe_split.py):
+    fc2 then has I/2 input features, which the block size must divide too (check_model checks I).
+    """
+    if fmt.quant in ("none", "fp8"):
+        return None
+    m = onnx_load_no_data(model_path)
+    dims = {t.name: list(t.dims) for t in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "MoE" and n.domain == ORT_DOMAIN and len(n.input) > 4 and n.input[4] in dims:
+            k = dims[n.input[4]][-1]
+            if k % fmt.block_size:
+                return (f"{fmt.quant}: --block-size {fmt.block_size} does not divide the {k} input features of the "
+                        f"fused experts' down projection ({n.name}: experts split in halves for decode speed); "
+                        "quantize the portable folder instead (`granite-onnx export --portable`, then "
+                        "`granite-onnx optimize --quant`), or pick a block size that divides " + str(k))
+    return None
 
 
 def _quantize_into(src: Path, tmp: Path, meta: dict[str, Any], fmt: WeightFormat) -> dict[str, Any]:
