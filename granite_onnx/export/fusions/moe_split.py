@@ -12,9 +12,9 @@ intermediate unit, so an expert is the sum of two experts over the halves of its
 The rewrite lays the 2E half-experts out as [first halves of experts 0…E−1 | second halves], duplicates
 the router logits ([N, E] → [N, 2E]: the router weight's columns repeated, so no extra node) and
 selects top-2k: both halves of each chosen expert are
-selected, one in each thread's range. Weights: the softmax over 2E duplicated logits halves every
-probability and the renormalisation over the 2k selected restores p_e / Σ p, now on each half — so fc2
-is multiplied by 2 (exact). Outputs equal the unsplit MoE up to summation order (~1e-7).
+selected, one in each thread's range. Weights: the softmax over 2E duplicated logits gives each half
+p_e / 2, and the renormalisation over the 2k selected halves gives each half (p_e / 2) / Σ_top-k p —
+half its expert's weight — so fc2 is multiplied by 2 (exact in floating point). Outputs equal the unsplit MoE up to summation order (~1e-7).
 
 One difference, at exact ties: ORT picks the top k by softmax probability and breaks an exact tie at
 the k-th place by the higher index. With duplicated logits, a tie between two experts for the last
