@@ -155,6 +155,18 @@ def _compare(portable: Portable, fused_path: Path,
     assert not failures, "fused ≠ portable: " + "; ".join(failures)
 
 
+def _graph_model(inputs: list[ir.Value], nodes: list[ir.Node], outs: list[ir.Value], inits: list[ir.Value],
+                 extra: ir.Node | None = None, opsets: dict[str, int] | None = None) -> ir.Model:
+    """A hand-built test model: `extra` (a second reader of a weight, for the negative cases) is added as
+    one more node and output; outputs are named y0, y1, ..."""
+    if extra is not None:
+        nodes, outs = [*nodes, extra], [*outs, extra.outputs[0]]
+    for k, o in enumerate(outs):
+        o.name = f"y{k}"
+    return ir.Model(ir.Graph(inputs, outs, nodes=nodes, initializers=inits, opset_imports=opsets or {"": 23}),
+                    ir_version=10)
+
+
 def _ops(model: ir.Model) -> set[tuple[str, str]]:
     return {(n.domain, n.op_type) for n in model.graph.all_nodes()}
 
@@ -446,15 +458,8 @@ def _scaled_matmul_model(shared: bool) -> tuple[ir.Model, ir.Value]:
     mul = ir.node("Mul", [x, s], name="/model/norm/Mul")
     mm = ir.node("MatMul", [mul.outputs[0], w], name="/model/out_proj/MatMul")
     scale = ir.node("Mul", [mm.outputs[0], c], name="/model/residual/Mul")
-    nodes, outs = [mul, mm, scale], [scale.outputs[0]]
-    if shared:
-        other = ir.node("MatMul", [x, w], name="/model/other/MatMul")
-        nodes.append(other)
-        outs.append(other.outputs[0])
-    for i, o in enumerate(outs):
-        o.name = f"y{i}"
-    graph = ir.Graph([x], outs, nodes=nodes, initializers=[s, c, w], opset_imports={"": 23})
-    return ir.Model(graph, ir_version=10), x
+    other = ir.node("MatMul", [x, w], name="/model/other/MatMul") if shared else None
+    return _graph_model([x], [mul, mm, scale], [scale.outputs[0]], [s, c, w], other), x
 
 
 def test_scale_fold_moves_both_scales_into_the_weight(tmp_path: Path) -> None:
@@ -536,17 +541,10 @@ def _ffn_model(shared_fc2: bool, unflatten: bool) -> ir.Model:
         experts = nodes[-1].outputs[0]
     add = ir.node("Add", [mm.outputs[0], experts], name="/model/layers.0/ffn/Add")
     mul = ir.node("Mul", [add.outputs[0], c], name="/model/layers.0/Mul_1")
-    nodes += [add, mul]
-    outs = [mul.outputs[0]]
-    if shared_fc2:
-        other = ir.node("MoE", [x, logits, fc1, None, fc2], attributes=attrs, domain=ORT_DOMAIN, name="/model/other/MoE")
-        nodes.append(other)
-        outs.append(other.outputs[0])
-    for k, o in enumerate(outs):
-        o.name = f"y{k}"
-    graph = ir.Graph([x, a, logits], outs, nodes=nodes, initializers=inits,
-                     opset_imports={"": 23, ORT_DOMAIN: 1})
-    return ir.Model(graph, ir_version=10)
+    other = (ir.node("MoE", [x, logits, fc1, None, fc2], attributes=attrs, domain=ORT_DOMAIN, name="/model/other/MoE")
+             if shared_fc2 else None)
+    return _graph_model([x, a, logits], [*nodes, add, mul], [mul.outputs[0]], inits, other,
+                        {"": 23, ORT_DOMAIN: 1})
 
 
 @pytest.mark.parametrize("unflatten", [False, True])
@@ -595,16 +593,9 @@ def _router_model(shared_router: bool) -> ir.Model:
     moe = ir.node("MoE", [flat.outputs[0], router.outputs[0], fc1, None, fc2], domain=ORT_DOMAIN,
                   attributes={"k": 2, "activation_type": "swiglu", "normalize_routing_weights": 1, "swiglu_fusion": 1},
                   name="/model/layers.0/ffn/MoE/MoE")
-    nodes = [mm, split, flat, router, moe]
-    outs = [*split.outputs, moe.outputs[0]]
-    if shared_router:
-        other = ir.node("MatMul", [h, r], name="/model/other/MatMul")
-        nodes.append(other)
-        outs.append(other.outputs[0])
-    for k, o in enumerate(outs):
-        o.name = f"y{k}"
-    graph = ir.Graph([h], outs, nodes=nodes, initializers=inits, opset_imports={"": 23, ORT_DOMAIN: 1})
-    return ir.Model(graph, ir_version=10)
+    other = ir.node("MatMul", [h, r], name="/model/other/MatMul") if shared_router else None
+    return _graph_model([h], [mm, split, flat, router, moe], [*split.outputs, moe.outputs[0]], inits, other,
+                        {"": 23, ORT_DOMAIN: 1})
 
 
 def test_router_merges_into_the_shared_projection(tmp_path: Path) -> None:
