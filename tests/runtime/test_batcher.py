@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +11,13 @@ from granite_onnx.runtime import Batcher, GenerationConfig, Model, RequestError
 from granite_onnx.runtime.generate import GenerationResult
 
 
-@pytest.fixture(scope="module")
-def model(test_model_last_dir: Path) -> Model:
-    return Model.load(test_model_last_dir, threads=2)
+@pytest.fixture(scope="module", params=["portable", "fused"])
+def model(request: pytest.FixtureRequest) -> Model:
+    """Both K/V layouts: growing (portable graph) and one shared capacity buffer (fused graph)."""
+    folder = request.getfixturevalue("test_model_last_dir" if request.param == "portable" else "test_model_fused_dir")
+    m = Model.load(folder, threads=2)
+    assert m.session.kv_shared == (request.param == "fused")
+    return m
 
 
 def _prompts(lens: list[int], vocab: int, seed: int) -> list[list[int]]:
