@@ -123,3 +123,21 @@ def test_decode_steps_allocate_no_kv_buffer(shared: Model, grow: Model) -> None:
         print(f"{name}: K/V {kv / 1024:.0f} KiB, peak allocation during 8 decode steps {peak / 1024:.1f} KiB")
     assert peaks["shared"][0] < 0.05 * peaks["shared"][1]
     assert peaks["grow"][0] >= 0.9 * peaks["grow"][1]  # the other layout really allocates: the check can fail
+
+
+def test_continuing_a_state_past_its_capacity_equals_growing(shared: Model, grow: Model) -> None:
+    """A chat's turns: each turn prefills new tokens onto the carried state (and reserves its reply), so the
+    buffers are regrown between turns with the used columns moved over."""
+    turns = _prompts(shared, [40, 50, 90, 7], seed=11)
+    out = {}
+    for name, m in (("shared", shared), ("grow", grow)):
+        st, rows = None, []
+        for t in turns:
+            logits, st = m.prefill([t], state=st, reserve=5)
+            rows.append(np.array(logits, copy=True))
+        out[name] = (rows, st)
+    st = out["shared"][1]
+    assert st.past_len == sum(map(len, turns)) and st.kv_cap >= st.past_len + 5
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(out["shared"][0], out["grow"][0]))
+    print(f"4 turns carried (capacity now {st.kv_cap}): max |Δlogits| shared vs grow {diff:.2e}")
+    assert diff <= 1e-5
