@@ -141,3 +141,19 @@ def test_continuing_a_state_past_its_capacity_equals_growing(shared: Model, grow
     diff = max(float(np.abs(a - b).max()) for a, b in zip(out["shared"][0], out["grow"][0]))
     print(f"4 turns carried (capacity now {st.kv_cap}): max |Δlogits| shared vs grow {diff:.2e}")
     assert diff <= 1e-5
+
+
+def test_optimize_declares_shared_kv(test_model_last_dir: Path, shared: Model, tmp_path: Path) -> None:
+    """`granite-onnx optimize` (portable → fused) writes the layout too, and the result decodes like the
+    folder exported fused."""
+    from granite_onnx.export.optimize import optimize_folder
+
+    out = tmp_path / "optimized"
+    optimize_folder(test_model_last_dir, out)
+    meta = json.loads((out / "granite_config.json").read_text())
+    assert meta["graph"] == "fused" and meta["kv_cache"] == "shared"
+    m = Model.load(out, threads=2)
+    assert m.session.kv_shared
+    prompts = _prompts(m, [14, 6], seed=21)
+    cfg = GenerationConfig(max_new_tokens=70)
+    assert [r.token_ids for r in m.generate(prompts, cfg)] == [r.token_ids for r in shared.generate(prompts, cfg)]
