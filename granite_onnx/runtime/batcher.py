@@ -193,10 +193,9 @@ class Batcher:
             parts.append(current.rows(keep) if len(keep) != len(self.running) else current)
         parts += [p for _, p in joined]
         self.running = staying + [r for r, _ in joined]
-        self._state = self.model.restore(stack(parts)) if parts else None
-        if self._state is not None:  # room for the longest remaining reply: no K/V regrowth mid-batch
-            left = max(r.config.max_new_tokens - len(r.token_ids) for r in self.running)
-            self.model.session.reserve(self._state, self._state.past_len + max(left, 0))
+        # room for the longest remaining reply: no K/V regrowth mid-batch
+        left = max((r.config.max_new_tokens - len(r.token_ids) for r in self.running), default=0)
+        self._state = self.model.restore(stack(parts), max(left, 0)) if parts else None
         self.rebuilds += 1
 
     def _decode(self, finished: list[Request]) -> None:

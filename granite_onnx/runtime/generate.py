@@ -142,15 +142,17 @@ class Model:
                         None if logits is None else np.array(logits, np.float32, copy=True),
                         self.fingerprint(), dict(extra or {}))
 
-    def restore(self, snap: Snapshot) -> State:
-        """A new device state equal to `snap` (the snapshot stays usable: restore it as often as needed)."""
+    def restore(self, snap: Snapshot, reserve: int = 0) -> State:
+        """A new device state equal to `snap` (the snapshot stays usable: restore it as often as needed);
+        `reserve`: tokens still to come, so that a shared K/V cache is allocated once, at its final size."""
         if snap.model and snap.model != self.fingerprint():
             mine, theirs = self.fingerprint(), snap.model
             diff = [k for k in mine if mine.get(k) != theirs.get(k)]
             raise SnapshotError(f"this state was saved from another model (differs in {', '.join(diff)}); "
                                 f"restore it into the model it came from")
         try:
-            return self.session.state_from_numpy(snap.arrays, snap.past_len, snap.pads)
+            return self.session.state_from_numpy(snap.arrays, snap.past_len, snap.pads,
+                                                 capacity=snap.past_len + reserve)
         except RuntimeError_ as e:
             raise SnapshotError(str(e)) from None
 
@@ -246,24 +248,20 @@ class Model:
         if all(not x for x in encoded):
             if base.logits is None:
                 raise RequestError("the state holds no logits to continue from; give a non-empty prompt")
-            st = self.restore(base)
-            self.session.reserve(st, st.past_len + reserve)
-            return np.array(base.logits, np.float32), st, history
+            return np.array(base.logits, np.float32), self.restore(base, reserve), history
         if len({len(x) for x in encoded}) == 1:
-            logits, st = self.prefill(encoded, state=self.restore(base), chunk_size=chunk_size, progress=progress,
-                                      reserve=reserve)
+            logits, st = self.prefill(encoded, state=self.restore(base, len(encoded[0]) + reserve),
+                                      chunk_size=chunk_size, progress=progress, reserve=reserve)
             return logits, st, history
         parts = []  # rows of different lengths: each row alone, then side by side
         for r, x in enumerate(encoded):
             one = base.rows([r])
             if x:
-                lo, st1 = self.prefill([x], state=self.restore(one), chunk_size=chunk_size, progress=progress)
+                lo, st1 = self.prefill([x], state=self.restore(one, len(x)), chunk_size=chunk_size, progress=progress)
                 one = self.snapshot(st1, [history[r]], lo)
             parts.append(one)
         merged = stack(parts)
-        st = self.restore(merged)
-        self.session.reserve(st, st.past_len + reserve)
-        return np.array(merged.logits, np.float32), st, history
+        return np.array(merged.logits, np.float32), self.restore(merged, reserve), history
 
     # --------------------------------------------------------------- generate
     def _prepare(self, prompts: Sequence[Prompt], config: GenerationConfig | None, snap: Snapshot | None,

@@ -323,8 +323,7 @@ class GraniteSession:
         kv, live, spare = {}, {}, {}
         for s in self.specs:
             if s.kind in ("key", "value"):
-                kv[s.past_name] = self.raw.alloc_growing(list(s.concrete_shape(batch, cap or 0)),
-                                                         self.dtypes[s.past_name])
+                kv[s.past_name] = self._kv_buffer(s, batch, cap or 0)
             else:
                 shape = s.concrete_shape(batch, 0)
                 live[s.past_name] = self._from_numpy(s.past_name, np.zeros(shape, self.dtypes[s.past_name]))
@@ -335,6 +334,20 @@ class GraniteSession:
             st.pads = np.asarray(pads, np.int64).copy()
         return st
 
+    def _kv_buffer(self, spec: io.StateSpec, batch: int, columns: int, used: np.ndarray | None = None) -> Any:
+        """A K/V buffer [B, kv_heads, columns, head_dim] whose first columns hold `used` (a host array)."""
+        shape = list(spec.concrete_shape(batch, columns))
+        v = self.raw.alloc_growing(shape, self.dtypes[spec.past_name])
+        if used is None or not used.shape[2]:
+            return v
+        if type(v) is _Host:
+            v.arr[:, :, :used.shape[2]] = used
+        else:  # device memory: written whole, through the host (rare: `reserve` sizes a generation up front)
+            full = np.zeros(shape, self.dtypes[spec.past_name])
+            full[:, :, :used.shape[2]] = used
+            v.update_inplace(full)
+        return v
+
     def reserve(self, state: State, columns: int) -> None:
         """Make `state` hold at least `columns` K/V columns (past + what is coming) without reallocating
         later; a no-op under growing K/V. A longer run still works: the buffers are grown on demand."""
@@ -344,22 +357,9 @@ class GraniteSession:
     def _grow_kv(self, st: State, cap: int) -> None:
         """Move the used K/V columns of `st` into buffers of `cap` columns and bind those instead."""
         assert st.kv_cap is not None and cap >= st.past_len
-        n = st.past_len
-        new = {}
-        for s in self.kv_specs:
-            old = st.kv[s.past_name]
-            shape = list(s.concrete_shape(st.batch, cap))
-            v = self.raw.alloc_growing(shape, self.dtypes[s.past_name])
-            if type(v) is _Host:
-                if n:
-                    v.arr[:, :, :n] = old.arr[:, :, :n]
-            else:  # device memory: through the host (rare — `reserve` sizes a generation up front)
-                buf = np.zeros(shape, self.dtypes[s.past_name])
-                if n:
-                    buf[:, :, :n] = old.numpy()[:, :, :n]
-                v.update_inplace(buf)
-            new[s.past_name] = v
-        st.kv, st.kv_cap = new, cap
+        st.kv = {s.past_name: self._kv_buffer(s, st.batch, cap, st.kv[s.past_name].numpy()[:, :, :st.past_len])
+                 for s in self.kv_specs}
+        st.kv_cap = cap
         if st._io is not None:
             st._io.bind_kv(self, st)
 
@@ -396,14 +396,7 @@ class GraniteSession:
                 raise RuntimeError_(f"state tensor {s.past_name} has shape {a.shape}, this model needs {want} "
                                     f"(batch {batch}, past length {past_len}): it was taken from another model")
             if s.kind in ("key", "value"):
-                shape = list(s.concrete_shape(batch, past_len if cap is None else cap))
-                kv[s.past_name] = v = self.raw.alloc_growing(shape, self.dtypes[s.past_name])
-                if type(v) is _Host:
-                    v.arr[:, :, :past_len] = a
-                else:
-                    full = np.zeros(shape, self.dtypes[s.past_name])
-                    full[:, :, :past_len] = a
-                    v.update_inplace(full)
+                kv[s.past_name] = self._kv_buffer(s, batch, past_len if cap is None else cap, a)
             else:
                 live[s.past_name] = self._from_numpy(s.past_name, a)
                 spare[s.past_name] = self._alloc(s.past_name, a.shape)
