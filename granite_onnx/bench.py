@@ -22,7 +22,7 @@ The JSON (`granite-onnx bench ... --json`, and what `bench()` returns):
 
     {
       "config": "small", "params": 20800000, "threads": 2, "spin": null,
-      "prompt_len": 32, "new_tokens": 128,
+      "prompt_len": 32, "new_tokens": 128, "rounds": 1,          # rounds: best of N interleaved rounds
       "runtimes": ["fused", "portable", "HF eager"],            # labels, in timing order
       "folders": [{"label": "fused", "dir": "/tmp/x-fused", "graph": "fused",
                    "weights": {...granite_config.json "weights"...}, "weight_bytes_per_param": 4.0,
@@ -266,12 +266,14 @@ class _Memory:
     """RSS bookkeeping for several runtimes in one process (Linux /proc; figures stay None elsewhere).
 
     `segment(key)` resets the peak RSS (VmHWM), runs its body, and keeps for `key` the most the peak rose
-    above the RSS at the segment's start (the max over all of the key's segments). Resetting VmHWM resets
-    getrusage's ru_maxrss too, so the process peak is kept here, read before every reset."""
+    above the RSS at the segment's start (the max over all of the key's segments) and the RSS its last
+    segment added. Resetting VmHWM resets getrusage's ru_maxrss too, so the process peak is kept here,
+    read before every reset."""
 
     def __init__(self) -> None:
         self.process_peak = 0
         self.growth: dict[str, int] = {}
+        self.added: dict[str, int] = {}
 
     def note(self) -> dict[str, int]:
         s = _proc_status()
@@ -286,11 +288,16 @@ class _Memory:
             yield
         finally:
             after = self.note()
+            if before and after:
+                self.added[key] = after["VmRSS"] - before["VmRSS"]
             if exact and after:
                 self.growth[key] = max(self.growth.get(key, 0), after["VmHWM"] - before["VmRSS"])
 
     def growth_mb(self, key: str) -> float | None:
         return self.growth[key] / 2**20 if key in self.growth else None
+
+    def added_mb(self, key: str) -> float | None:
+        return self.added[key] / 2**20 if key in self.added else None
 
     def peak_mb(self) -> float:
         self.note()
@@ -424,24 +431,20 @@ def bench(model_dirs: str | Path | Sequence[str | Path], reference: str | None, 
     rng = np.random.default_rng(0)
     res: dict[str, Any] = {
         "config": cfg.name, "params": cfg.num_parameters(), "threads": threads, "spin": spin,
-        "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "runtimes": order, "folders": [], "reference": None,
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "runtimes": order, "folders": [],
+        "reference": None,
         "fused_vs_portable": None if pair is None else {"fused": pair[0], "portable": pair[1]},
         "prefill": [], "decode": []}
     models: dict[str, Any] = {}
     bpp: dict[str, float] = {HF_LABEL: 4.0}
-    load_rss: dict[str, float] = {}
 
     def load_folder(i: int) -> None:
         lab, d = labels[i], dirs[i]
         say(f"loading {lab}: {d}")
-        rss0 = _proc_status().get("VmRSS")
         t0 = time.perf_counter()
         with mem.segment(lab + LOAD):
             models[lab] = Model.load(d, threads=threads, spin=spin)
         dt = time.perf_counter() - t0
-        rss1 = _proc_status().get("VmRSS")
-        if rss0 is not None and rss1 is not None:
-            load_rss[lab] = (rss1 - rss0) / 2**20
         bpp[lab] = _weight_bytes_per_param(d, read[i][1], cfg)
         res["folders"].append({"label": lab, "dir": str(d), "graph": read[i][1].get("graph"),
                                "weights": read[i][1].get("weights"), "weight_bytes_per_param": bpp[lab],
@@ -463,14 +466,10 @@ def bench(model_dirs: str | Path | Sequence[str | Path], reference: str | None, 
 
             torch.set_num_threads(threads)
             say("loading the HF reference")
-            rss0 = _proc_status().get("VmRSS")
             t0 = time.perf_counter()
             with mem.segment(HF_LABEL + LOAD):
                 hf = load_reference(dirs[0], str(reference), seed, layers, Path(tmp))
             res["reference"] = {"label": HF_LABEL, "source": str(reference), "load_s": time.perf_counter() - t0}
-            rss1 = _proc_status().get("VmRSS")
-            if rss0 is not None and rss1 is not None:
-                load_rss[HF_LABEL] = (rss1 - rss0) / 2**20
 
         def prefill(lab: str, ids: np.ndarray) -> None:
             if lab == HF_LABEL:
@@ -525,7 +524,7 @@ def bench(model_dirs: str | Path | Sequence[str | Path], reference: str | None, 
             say(f"multi-turn ({labels[0]}): {turns} turns of {prompt_len} new tokens and {new_tokens}-token replies")
             res["multi_turn"] = multi_turn(models[labels[0]], turns, prompt_len, new_tokens)
             res["multi_turn_runtime"] = labels[0]
-    res["memory"] = {lab: {"load_rss_mb": load_rss.get(lab), "load_peak_growth_mb": mem.growth_mb(lab + LOAD),
+    res["memory"] = {lab: {"load_rss_mb": mem.added_mb(lab + LOAD), "load_peak_growth_mb": mem.growth_mb(lab + LOAD),
                            "peak_growth_mb": mem.growth_mb(lab)} for lab in order}
     res["peak_rss_mb"] = mem.peak_mb()  # before the bandwidth test's own 512 MB
     res["machine_bandwidth_gb_s"] = measure_bandwidth_gbs()
@@ -602,6 +601,6 @@ def format_table(r: dict[str, Any]) -> str:
         size = g["chunk_size"] or "≤ the attention budget"
         lines += ["", f"long prompt ({g.get('runtime', labels[0])})  {g['tokens']} tokens in {g['chunks']} chunks "
                       f"of {size}: {g['seconds']:.1f} s ({g['tok_s']:.0f} tok/s); peak RSS growth "
-                      f"{_f(g['peak_rss_growth_mb'], '.1f')} MB = K/V {g['kv_mb']:.1f} MB ({g.get('kv_cache', 'grow')}) + "
-                      f"{_f(g['beyond_kv_mb'], '.1f')} MB (recurrent state {g['recurrent_mb']:.1f} MB, fixed)"]
+                      f"{_f(g['peak_rss_growth_mb'], '.1f')} MB = K/V {g['kv_mb']:.1f} MB "
+                      f"({g.get('kv_cache', 'grow')}) + {_f(g['beyond_kv_mb'], '.1f')} MB (recurrent state {g['recurrent_mb']:.1f} MB, fixed)"]
     return "\n".join(lines)
