@@ -101,6 +101,17 @@ class Scoped:
         return self.Constant(_what=what, value=ir.tensor(np.asarray(value, dtype=dtype.numpy())))
 
 
+def lazy_initializer(op: pattern.RewriterContext, name: str, shape: Sequence[int], dtype: ir.DataType,
+                     compute: Callable[[], np.ndarray]) -> ir.Value:
+    """A new initializer holding `compute()`, which runs only when the tensor is saved (or read): the
+    rewrites' re-laid-out weights stay unmaterialised, so saving streams one tensor at a time."""
+
+    def tensor() -> ir.Tensor:
+        return ir.tensor(np.ascontiguousarray(compute()), name=name)
+
+    return op.initializer(ir.LazyTensor(tensor, dtype=dtype, shape=ir.Shape(shape), name=name), name=name)
+
+
 def derived_initializer(op: pattern.RewriterContext, source: ir.Value, name: str, shape: Sequence[int],
                         fn: Callable[[np.ndarray], np.ndarray]) -> ir.Value:
     """A new initializer `fn(source)`, computed only when it is saved (or read).
@@ -114,8 +125,4 @@ def derived_initializer(op: pattern.RewriterContext, source: ir.Value, name: str
         return graph.initializers[name]
     src = source.const_value
     assert src is not None, f"{source.name} is not a constant"
-
-    def compute() -> ir.Tensor:
-        return ir.tensor(np.ascontiguousarray(fn(src.numpy())), name=name)
-
-    return op.initializer(ir.LazyTensor(compute, dtype=src.dtype, shape=ir.Shape(shape), name=name), name=name)
+    return lazy_initializer(op, name, shape, src.dtype, lambda: fn(src.numpy()))

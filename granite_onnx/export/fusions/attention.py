@@ -41,6 +41,7 @@ from granite_onnx.export.fusions._common import (
     Scoped,
     apply,
     check_float,
+    lazy_initializer,
     scope_of,
     static_dims,
 )
@@ -103,13 +104,9 @@ def _projection(x: ir.Value) -> tuple[ir.Value, ir.Value] | None:
 def _packed_qkv(op: pattern.RewriterContext, weights: list[ir.Value]) -> ir.Value:
     """Lazy initializer [Wq | Wk | Wv] along the output axis."""
     tensors = [w.const_value for w in weights]
-    name = f"{weights[0].name}.qkv"
-    shape = ir.Shape([tensors[0].shape[0], sum(t.shape[1] for t in tensors)])
-
-    def compute() -> ir.Tensor:
-        return ir.tensor(np.ascontiguousarray(np.concatenate([t.numpy() for t in tensors], axis=1)), name=name)
-
-    return op.initializer(ir.LazyTensor(compute, dtype=tensors[0].dtype, shape=shape, name=name), name=name)
+    shape = [tensors[0].shape[0], sum(t.shape[1] for t in tensors)]
+    return lazy_initializer(op, f"{weights[0].name}.qkv", shape, tensors[0].dtype,
+                            lambda: np.concatenate([t.numpy() for t in tensors], axis=1))
 
 
 class AttentionFusion(pattern.RewriteRuleClassBase):

@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from granite_onnx.export.fusions._common import ORT_DOMAIN, Scoped, apply, static_dims
+from granite_onnx.export.fusions._common import ORT_DOMAIN, Scoped, apply, lazy_initializer, static_dims
 
 SPLIT = 2  # halves: one per thread of a 2-core decode; more threads still get each expert on two
 
@@ -53,16 +53,12 @@ def split_fc2(fc2: np.ndarray, parts: int = SPLIT) -> np.ndarray:
     return np.ascontiguousarray(halves * np.asarray(parts, dtype=fc2.dtype))
 
 
-def _lazy(op: pattern.RewriterContext, name: str, shape: tuple[int, ...], dtype: ir.DataType, fn) -> ir.Value:
-    return op.initializer(ir.LazyTensor(lambda: ir.tensor(fn(), name=name), dtype=dtype, shape=ir.Shape(shape),
-                                        name=name), name=name)
-
-
 def _wide_router(op: pattern.RewriterContext, r: ir.Value) -> ir.Value:
     """Lazy initializer [R | R]: the router weight with its columns repeated (logits [N, E] → [N, 2E])."""
     t = r.const_value
     rows, cols = t.shape
-    return _lazy(op, f"{r.name}.halves", (rows, SPLIT * cols), t.dtype, lambda: np.tile(t.numpy(), (1, SPLIT)))
+    return lazy_initializer(op, f"{r.name}.halves", (rows, SPLIT * cols), t.dtype,
+                            lambda: np.tile(t.numpy(), (1, SPLIT)))
 
 
 # attributes the rewrite keeps as they are; anything else must be absent or at the default moe.py leaves
@@ -113,8 +109,10 @@ class MoEHalves(pattern.RewriteRuleClassBase):
         e, two_i, d = fc1.shape
         i = two_i // 2
         t1, t2 = fc1.const_value, fc2.const_value
-        w1 = _lazy(op, f"{fc1.name}.halves", (SPLIT * e, two_i // SPLIT, d), t1.dtype, lambda: split_fc1(t1.numpy()))
-        w2 = _lazy(op, f"{fc2.name}.halves", (SPLIT * e, d, i // SPLIT), t2.dtype, lambda: split_fc2(t2.numpy()))
+        w1 = lazy_initializer(op, f"{fc1.name}.halves", (SPLIT * e, two_i // SPLIT, d), t1.dtype,
+                              lambda: split_fc1(t1.numpy()))
+        w2 = lazy_initializer(op, f"{fc2.name}.halves", (SPLIT * e, d, i // SPLIT), t2.dtype,
+                              lambda: split_fc2(t2.numpy()))
         prefix, name = node.name.rsplit("/", 1)
         s = Scoped(op, prefix)
         return s.MoE(x, self.logits(op, s, logits, **kw), w1, None, w2, _domain=ORT_DOMAIN, _what=name, **attrs)

@@ -18,19 +18,21 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from granite_onnx.export.fusions._common import CPU_FLOAT_TYPES, ORT_DOMAIN, Scoped, apply, static_dims
+from granite_onnx.export.fusions._common import (
+    CPU_FLOAT_TYPES,
+    ORT_DOMAIN,
+    Scoped,
+    apply,
+    lazy_initializer,
+    static_dims,
+)
 
 
 def _merged(op: pattern.RewriterContext, shared: ir.Value, router: ir.Value) -> ir.Value:
     """Lazy initializer [shared_in | router] along the output axis."""
     a, b = shared.const_value, router.const_value
-    name = f"{shared.name}.with_router"
-    shape = ir.Shape([a.shape[0], a.shape[1] + b.shape[1]])
-
-    def compute() -> ir.Tensor:
-        return ir.tensor(np.ascontiguousarray(np.concatenate([a.numpy(), b.numpy()], axis=1)), name=name)
-
-    return op.initializer(ir.LazyTensor(compute, dtype=a.dtype, shape=shape, name=name), name=name)
+    return lazy_initializer(op, f"{shared.name}.with_router", [a.shape[0], a.shape[1] + b.shape[1]], a.dtype,
+                            lambda: np.concatenate([a.numpy(), b.numpy()], axis=1))
 
 
 class RouterIntoSharedProjection(pattern.RewriteRuleClassBase):

@@ -24,7 +24,15 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from granite_onnx.export.fusions._common import CPU_FLOAT_TYPES, ORT_DOMAIN, Scoped, apply, scope_of, static_dims
+from granite_onnx.export.fusions._common import (
+    CPU_FLOAT_TYPES,
+    ORT_DOMAIN,
+    Scoped,
+    apply,
+    lazy_initializer,
+    scope_of,
+    static_dims,
+)
 
 
 def _scale_vector(value: ir.Value, length: int) -> str | None:
@@ -43,14 +51,12 @@ def _scale_vector(value: ir.Value, length: int) -> str | None:
 def _folded(op: pattern.RewriterContext, w: ir.Value, s: ir.Value, axis: int, tag: str) -> ir.Value:
     """Lazy initializer W · s with s broadcast along `axis` of W (0: rows, 1: columns)."""
     wt, st = w.const_value, s.const_value
-    name = f"{w.name}.{tag}"
 
-    def compute() -> ir.Tensor:
+    def compute() -> np.ndarray:
         vec = st.numpy().reshape(-1).astype(wt.numpy().dtype)
-        vec = vec[:, None] if axis == 0 else vec[None, :]
-        return ir.tensor(np.ascontiguousarray(wt.numpy() * vec), name=name)
+        return wt.numpy() * (vec[:, None] if axis == 0 else vec[None, :])
 
-    return op.initializer(ir.LazyTensor(compute, dtype=wt.dtype, shape=wt.shape, name=name), name=name)
+    return lazy_initializer(op, f"{w.name}.{tag}", wt.shape, wt.dtype, compute)
 
 
 def _check_weight(result: pattern.MatchResult, w: ir.Value) -> tuple[int, int] | None:
@@ -117,13 +123,8 @@ class ScaleIntoMatMulOutput(pattern.RewriteRuleClassBase):
 def _folded_experts(op: pattern.RewriterContext, fc2: ir.Value, c: ir.Value) -> ir.Value:
     """Lazy initializer fc2 · c, c broadcast along fc2's output axis (fc2 is [E, D, I], out × in)."""
     wt, ct = fc2.const_value, c.const_value
-    name = f"{fc2.name}.out_scaled"
-
-    def compute() -> ir.Tensor:
-        vec = ct.numpy().reshape(-1).astype(wt.numpy().dtype)[None, :, None]
-        return ir.tensor(np.ascontiguousarray(wt.numpy() * vec), name=name)
-
-    return op.initializer(ir.LazyTensor(compute, dtype=wt.dtype, shape=wt.shape, name=name), name=name)
+    return lazy_initializer(op, f"{fc2.name}.out_scaled", wt.shape, wt.dtype,
+                            lambda: wt.numpy() * ct.numpy().reshape(-1).astype(wt.numpy().dtype)[None, :, None])
 
 
 class ScaleIntoFeedForward(pattern.RewriteRuleClassBase):
