@@ -11,7 +11,9 @@ Reports prefill time per prompt length, time to first token, decode tokens/s per
 p50/p99, the share of each decode step spent outside `run_with_iobinding` (the Python side: binding,
 sampling, bookkeeping), memory (per runtime: the RSS its loading added, and the most the process RSS rose
 above its level at the start of one of the runtime's measurements; the process peak RSS), and the decode
-step's achieved GB/s next to this machine's measured memory bandwidth (a STREAM-style copy). Optional, on
+step's achieved GB/s next to this machine's measured memory bandwidth (a STREAM-style copy) and next to
+the rate ONNX Runtime's MatMul reads a working set of the step's size (in cache or not), with the floor
+that sets on each step and on each prefill, and so the most any runtime could beat HF by. Optional, on
 the first folder only: a multi-turn case (time to first token with the state carried vs re-prefilling the
 transcript) and a long prompt prefilled in chunks (peak RSS growth next to the K/V bytes). Warm-up runs are
 timed apart and not counted.
@@ -33,14 +35,18 @@ The JSON (`granite-onnx bench ... --json`, and what `bench()` returns):
       "prefill": [{"tokens": 512,
                    "s": {"fused": 0.05, "portable": 0.09, "HF eager": 0.2},   # seconds, per runtime
                    "vs_hf": {"fused": 4.0, "portable": 2.2},   # HF seconds / runtime seconds (> 1: faster)
-                   "fused_over_portable": 1.8}, ...],          # portable s / fused s (null without a pair)
+                   "fused_over_portable": 1.8,                 # portable s / fused s (null without a pair)
+                   "gflop": 10.2, "gflop_s": {"fused": 110.0, ...}, "floor_s": 0.047,   # roofline keys
+                   "ceiling_vs_hf": 3.3}, ...],               # HF s / floor s
       "decode": [{"batch": 1,
                   "runtimes": {"fused": {"tok_s": 900.0, "ttft_s": 0.004, "step_p50_ms": 1.1,
                                          "step_p99_ms": 1.6, "outside_run_share": 0.12,
-                                         "outside_run_us": 130.0, "gb_s": 75.0},
+                                         "outside_run_us": 130.0, "gb_s": 75.0,
+                                         "roofline_gb_s": 41.0, "of_roofline": 0.7, "floor_ms": 1.1},
                                ...,
                                "HF eager": {... same keys, outside_run_* null ...}},
                   "vs_hf": {"fused": 5.1, "portable": 2.9},   # runtime tok/s / HF tok/s
+                  "ceiling_vs_hf": {"fused": 9.8, ...},      # HF step time / the folder's floor
                   "fused_over_portable": 1.7}, ...],          # fused tok/s / portable tok/s
       "memory": {"fused": {"load_rss_mb": 70.0,          # the RSS its loading added
                            "load_peak_growth_mb": 71.0,  # the peak while loading, above the RSS before
@@ -50,14 +56,17 @@ The JSON (`granite-onnx bench ... --json`, and what `bench()` returns):
                       "ttft_stateless_s": ..}, ...],          # with --turns > 0, first folder only
       "multi_turn_runtime": "fused",
       "long": {...long_prompt()..., "runtime": "fused"},      # with --long N, first folder only
-      "machine_bandwidth_gb_s": 12.3,
+      "machine_bandwidth_gb_s": 12.3,  # a numpy copy of 256 MiB: memory, past any cache
+      "roofline": {"gemv_gb_s": {"43 MiB": 41.0, ...},   # ONNX Runtime's batch-1 MatMul per working set
+                   "gemm_gflop_s": 216.0} | absent,      # its dense [512, h] × [h, 4h] MatMul; absent: --no-roofline
       "peak_rss_mb": 800.0,        # the process peak RSS (kept across the peak resets the memory figures use)
       "table": "..."               # what `granite-onnx bench` prints without --json
     }
 
 Memory figures are null where the peak RSS cannot be reset (not Linux). The decode GB/s counts the weight
 bytes one step must read (`bytes_per_decode_step`), at 4 bytes a parameter for fp32 folders and HF, and at
-the folder's weight-file bytes per parameter for reduced-precision ones.
+the folder's weight-file bytes per parameter for reduced-precision ones. The roofline keys (absent with
+roofline=False) set them against what ONNX Runtime's own MatMul reaches here: see granite_onnx/roofline.py.
 """
 
 from __future__ import annotations
@@ -75,6 +84,7 @@ import numpy as np
 
 from granite_onnx.export.exporter import peak_rss_mb
 from granite_onnx.models.config import HybridConfig
+from granite_onnx.roofline import bytes_per_decode_step, gemm_gflop_s, gemv_gb_s, prefill_flops
 
 log = logging.getLogger(__name__)
 
@@ -95,19 +105,6 @@ def measure_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
         np.copyto(b, a)
         best = min(best, time.perf_counter() - t)
     return 2 * a.nbytes / best / 1e9
-
-
-def bytes_per_decode_step(cfg: HybridConfig, batch: int, dtype_bytes: float = 4) -> float:
-    """Weight bytes one decode step must read: everything but the experts, plus the experts that the
-    batch's tokens can route to (at most all of them)."""
-    total = cfg.num_parameters()
-    if cfg.num_experts:
-        per_layer = cfg.num_experts * 3 * cfg.hidden_size * cfg.intermediate_size
-        experts = per_layer * cfg.num_layers
-        touched = min(1.0, batch * cfg.num_experts_per_tok / cfg.num_experts)
-        total = total - experts + int(experts * touched)
-    # the tied embedding is gathered, not read whole — but the LM head reads it whole: count it once
-    return total * dtype_bytes
 
 
 def load_reference(model_dir: Path, reference: str, seed: int | None, layers: int | None, tmp: Path) -> Any:
@@ -391,12 +388,13 @@ def bench(model_dirs: str | Path | Sequence[str | Path], reference: str | None, 
           layers: int | None = None, threads: int = 2, prompt_len: int = 32, new_tokens: int = 128,
           batches: tuple[int, ...] = (1, 4, 16), prefill_lens: tuple[int, ...] = (512, 4096), skip_hf: bool = False,
           turns: int = 4, long: int = 0, chunk_size: int | None = None, spin: bool | None = None,
-          rounds: int = 1, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+          rounds: int = 1, roofline: bool = True, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time every folder in `model_dirs` (one model: same config) and HF eager (from `reference`, an HF
     folder or a preset name; skipped with `skip_hf`) side by side; returns the dict described in the module
     docstring. `rounds` > 1 repeats each interleaved measurement and keeps every runtime's best (on a shared
-    machine a burst of load hits one round, rarely all). Raises BenchError for folders of different models
-    or a folder given twice."""
+    machine a burst of load hits one round, rarely all). `roofline`: measure the ceilings of
+    granite_onnx.roofline (seconds; up to 1 GiB more memory for a large working set). Raises BenchError
+    for folders of different models or a folder given twice."""
     from granite_onnx.runtime.generate import Model
     from granite_onnx.runtime.session import read_folder_config
 
@@ -528,8 +526,40 @@ def bench(model_dirs: str | Path | Sequence[str | Path], reference: str | None, 
                            "peak_growth_mb": mem.growth_mb(lab)} for lab in order}
     res["peak_rss_mb"] = mem.peak_mb()  # before the bandwidth test's own 512 MB
     res["machine_bandwidth_gb_s"] = measure_bandwidth_gbs()
+    if roofline:
+        say("roofline: ONNX Runtime's MatMul at each decode step's working set, and on a dense prefill product")
+        add_roofline(res, cfg, threads, bpp)
     res["table"] = format_table(res)
     return res
+
+
+def add_roofline(res: dict[str, Any], cfg: HybridConfig, threads: int, bpp: dict[str, float]) -> None:
+    """Adds the ceilings of granite_onnx.roofline to `res`. Each decode row gets "roofline_gb_s" (ONNX
+    Runtime's batch-1 MatMul over a working set of that runtime's step bytes), "of_roofline" (its gb_s over
+    that) and "floor_ms" (its step bytes over that); each decode batch gets "ceiling_vs_hf" per folder (HF's
+    step time over the folder's floor). Each prefill length gets "gflop", "gflop_s" per runtime, "floor_s"
+    (the FLOPs at ONNX Runtime's dense MatMul rate) and "ceiling_vs_hf". Also `res["roofline"]`."""
+    rates: dict[int, float] = {}
+    for d in res["decode"]:
+        for lab, row in d["runtimes"].items():
+            nbytes = bytes_per_decode_step(cfg, d["batch"], bpp[lab])
+            mib = int(min(nbytes, 1 << 30) // (1 << 20))  # working sets of the same size share a measurement
+            if mib not in rates:
+                rates[mib] = gemv_gb_s(nbytes, cfg.hidden_size, threads)
+            row["roofline_gb_s"] = rates[mib]
+            row["of_roofline"] = row["gb_s"] / rates[mib]
+            row["floor_ms"] = nbytes / rates[mib] / 1e6
+        hf = d["runtimes"].get(HF_LABEL)
+        d["ceiling_vs_hf"] = {} if hf is None else {
+            lab: d["batch"] / hf["tok_s"] * 1e3 / row["floor_ms"] for lab, row in d["runtimes"].items()
+            if lab != HF_LABEL}
+    gflops = gemm_gflop_s(cfg.hidden_size, threads) if res["prefill"] else None
+    for p in res["prefill"]:
+        p["gflop"] = prefill_flops(cfg, p["tokens"]) / 1e9
+        p["gflop_s"] = {lab: p["gflop"] / s for lab, s in p["s"].items()}
+        p["floor_s"] = p["gflop"] / gflops
+        p["ceiling_vs_hf"] = p["s"][HF_LABEL] / p["floor_s"] if HF_LABEL in p["s"] else None
+    res["roofline"] = {"gemv_gb_s": {f"{mib} MiB": v for mib, v in sorted(rates.items())}, "gemm_gflop_s": gflops}
 
 
 def _f(x: Any, fmt: str) -> str:
@@ -562,13 +592,20 @@ def format_table(r: dict[str, Any]) -> str:
             vals += [f"{p['vs_hf'][lab]:.2f}×" for lab in labels] if HF_LABEL in order else []
             vals += [f"{p['fused_over_portable']:.2f}×"] if pair else []
             lines.append(f"  {p['tokens']:6d} tokens  " + "  ".join(f"{v:>{cw}}" for v, cw in zip(vals, widths)))
+        if r.get("roofline"):
+            lines.append(f"  roofline: ONNX Runtime's dense MatMul {r['roofline']['gemm_gflop_s']:.0f} GFLOP/s")
+            for p in r["prefill"]:
+                rates = ", ".join(f"{lab} {v:.0f}" for lab, v in p["gflop_s"].items())
+                ceiling = "" if p["ceiling_vs_hf"] is None else f" → at most {p['ceiling_vs_hf']:.2f}× HF"
+                lines.append(f"  {p['tokens']:6d} tokens  {p['gflop']:.3g} GFLOP, floor {p['floor_s']:.3g} s"
+                             f"{ceiling}; GFLOP/s: {rates}")
 
     if r["decode"]:
         lines += ["", f"decode: {r['new_tokens']} new tokens after {r['prompt_len']}, greedy; ×HF = tok/s ratio; "
                       f"GB/s = weight bytes read per step / step time (machine copy bandwidth "
                       f"{r['machine_bandwidth_gb_s']:.1f} GB/s)",
                   f"  batch  {'runtime':<{w}}     tok/s      ×HF   TTFT (s)   p50/p99 step (ms)    outside run"
-                  "     GB/s"]
+                  "     GB/s" + ("  roofline GB/s, %  floor (ms)" if r.get("roofline") else "")]
         for d in r["decode"]:
             for i, lab in enumerate(order):
                 x = d["runtimes"][lab]
@@ -577,7 +614,12 @@ def format_table(r: dict[str, Any]) -> str:
                 ratio = f"{d['vs_hf'][lab]:.2f}×" if lab in d["vs_hf"] else "—"
                 lines.append(f"  {'b=' + str(d['batch']) if i == 0 else '':<5}  {lab:<{w}} {x['tok_s']:9.1f} "
                              f"{ratio:>8} {x['ttft_s']:10.4f}   {x['step_p50_ms']:8.2f}/{x['step_p99_ms']:<8.2f}  "
-                             f"{out:>13} {x['gb_s']:8.2f}")
+                             f"{out:>13} {x['gb_s']:8.2f}"
+                             + (f"  {x['roofline_gb_s']:13.1f} {100 * x['of_roofline']:3.0f}% {x['floor_ms']:11.3f}"
+                                if "roofline_gb_s" in x else ""))
+            if d.get("ceiling_vs_hf"):
+                lines.append(f"  {'':<5}  {'ceiling ×HF':<{w}} " + ", ".join(
+                    f"{lab} {v:.2f}× (HF step / {lab} floor)" for lab, v in d["ceiling_vs_hf"].items()))
             if pair:
                 lines.append(f"  {'':<5}  {'fused/portable':<{w}} {d['fused_over_portable']:8.2f}×")
 

@@ -277,7 +277,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
                     prompt_len=a.prompt_len, new_tokens=a.new_tokens, batches=tuple(a.batch),
                     prefill_lens=tuple(a.prefill), skip_hf=a.no_hf, turns=a.turns, long=a.long,
                     chunk_size=a.chunk_size, spin=False if a.no_spin else None, rounds=a.rounds,
-                    progress=lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True))
+                    roofline=not a.no_roofline, progress=lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True))
     except BenchError as e:
         print(f"granite-onnx bench: error: {e}", file=sys.stderr)
         return 2
@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time prefill and decode for one or more exported folders of one model (typically a fused "
         "and a portable one) and HF transformers eager, in one process: each measurement times every runtime "
         "back to back. Prints a table (or --json); every ratio is against HF eager, plus fused/portable when "
-        "both graphs are given.")
+        "both graphs are given. Each decode step's GB/s and each prefill's GFLOP/s are set against what "
+        "ONNX Runtime's MatMul reaches on this machine (the roofline; see granite_onnx/roofline.py).")
     b.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
                    help="exported model folders, all of the same model (e.g. X-fused X-portable); rows are "
                    "labelled by graph kind, plus the folder name when two have the same kind")
@@ -406,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=1,
                    help="repeat every interleaved prefill/decode measurement this many times and keep each "
                    "runtime's best (default 1; 3 steadies the ratios on a loaded machine)")
+    b.add_argument("--no-roofline", action="store_true",
+                   help="skip the ceilings: by default ONNX Runtime's own MatMul is timed over each decode step's "
+                   "working set (the GB/s it can read, in cache or memory) and on a dense prefill product (its "
+                   "GFLOP/s), giving each step's floor and the most any runtime could beat HF by")
     b.add_argument("--json", action="store_true",
                    help="print the results as JSON (per-runtime rows; the shape is in granite_onnx/bench.py)")
     b.set_defaults(fn=cmd_bench)

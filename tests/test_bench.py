@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from granite_onnx.bench import HF_LABEL, runtime_labels
+from granite_onnx.models.config import HybridConfig, preset
+from granite_onnx.roofline import bytes_per_decode_step, prefill_flops
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -60,6 +62,35 @@ def test_bench_fused_portable_and_hf_side_by_side(fused_and_portable: tuple[Path
         assert all(m["peak_growth_mb"] is not None for m in res["memory"].values())
     assert "multi_turn" not in res and res["machine_bandwidth_gb_s"] > 0
     assert "fused/portable" in res["table"] and HF_LABEL in res["table"]
+
+    # the roofline: every rate set against what ONNX Runtime's own MatMul reached on this machine
+    roof = res["roofline"]
+    assert roof["gemm_gflop_s"] > 1 and roof["gemv_gb_s"] and all(v > 0.1 for v in roof["gemv_gb_s"].values())
+    hf_step_ms = 1e3 / tok[HF_LABEL]
+    for lab, row in d["runtimes"].items():
+        assert row["of_roofline"] == pytest.approx(row["gb_s"] / row["roofline_gb_s"])
+        assert row["floor_ms"] == pytest.approx(bytes_per_decode_step(res_cfg(res), 1) / row["roofline_gb_s"] / 1e6)
+    assert d["ceiling_vs_hf"] == pytest.approx({lab: hf_step_ms / d["runtimes"][lab]["floor_ms"] for lab in labels})
+    assert p["gflop"] == pytest.approx(prefill_flops(res_cfg(res), 16) / 1e9)
+    assert p["floor_s"] == pytest.approx(p["gflop"] / roof["gemm_gflop_s"])
+    assert p["ceiling_vs_hf"] == pytest.approx(p["s"][HF_LABEL] / p["floor_s"])
+    assert p["gflop_s"] == pytest.approx({lab: p["gflop"] / s for lab, s in p["s"].items()})
+    assert "roofline" in res["table"] and "ceiling ×HF" in res["table"]
+
+
+def res_cfg(res: dict) -> HybridConfig:
+    assert res["config"] == "test"
+    return preset("test")
+
+
+def test_bench_without_roofline(fused_and_portable: tuple[Path, Path]) -> None:
+    fused, _ = fused_and_portable
+    r = run("bench", str(fused), "--no-hf", "--batch", "1", "--new-tokens", "2", "--prefill", "8", "--turns", "0",
+            "--no-roofline", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert "roofline" not in res and "roofline_gb_s" not in res["decode"][0]["runtimes"]["fused"]
+    assert "floor_s" not in res["prefill"][0] and "ceiling" not in res["table"]
 
 
 def test_bench_refuses_folders_of_different_models(test_model_last_dir: Path, tmp_path: Path) -> None:
