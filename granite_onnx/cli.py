@@ -125,7 +125,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-spin", action="store_true",
                    help="idle ONNX Runtime workers sleep instead of spinning (faster on a busy, shared machine)")
     p.add_argument("--chunk-size", type=int, default=None,
-                   help="prefill chunk size (default: sized to a 64 MiB attention workspace; short prompts in one chunk)")
+                   help="prefill chunk size (default: sized to an attention workspace of max(64 MiB, 1/8 of the "
+                   "weights); short prompts in one chunk)")
     p.add_argument("--progress", action="store_true", help="report prefill progress on stderr (long prompts)")
 
 

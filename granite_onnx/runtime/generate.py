@@ -34,8 +34,20 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-ATTENTION_BUDGET = 64 * 2**20  # bytes of attention scores + mask per prefill chunk when chunk_size is None
+ATTENTION_BUDGET = 64 * 2**20  # least bytes of attention scores + mask per prefill chunk when chunk_size is None
+WEIGHTS_PER_BUDGET = 8  # ... and at least 1/8 of the weight bytes: see attention_budget_for
 MIN_AUTO_CHUNK = 16  # below this, per-chunk overhead dominates: accept the (small) excess instead
+
+
+def attention_budget_for(weight_bytes: int) -> int:
+    """Default prefill workspace: max(64 MiB, weight_bytes / 8).
+
+    Every prefill chunk reads every weight once, so the chunk must be long enough to amortise that read.
+    At Granite-Tiny widths (tiny-4L, 2.9 GB of float32 weights) a 64 MiB budget cut a 4096-token prompt into
+    9 chunks (1094 … 294 tokens) that re-read 2.9 GB each from memory; 1/8 of the weights (365 MiB) makes it 2
+    chunks and the prefill ~25 % faster (BENCHMARKS.md). The workspace stays bounded whatever the context
+    (the flat-memory property), and in proportion to what the model already holds: small models keep 64 MiB."""
+    return max(ATTENTION_BUDGET, weight_bytes // WEIGHTS_PER_BUDGET)
 
 Prompt = str | Sequence[int]
 Progress = Callable[[int, int], None]  # (tokens done, tokens total) after each prefill chunk
@@ -61,7 +73,8 @@ class Model:
         self.session = session
         self.cfg = session.cfg
         self.tokenizer = tokenizer
-        self.attention_budget = ATTENTION_BUDGET  # bytes; see chunk_length
+        # bytes; see chunk_length and attention_budget_for
+        self.attention_budget = attention_budget_for(session.weight_bytes)
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None,
@@ -203,14 +216,14 @@ class Model:
 
     def chunk_length(self, past: int, remaining: int, batch: int, chunk_size: int | None = None) -> int:
         """Tokens in the next prefill chunk: `chunk_size` if given, else as many as keep the attention
-        workspace within `attention_budget` bytes.
+        workspace within `attention_budget` bytes (default: attention_budget_for the model's weights).
 
         A chunk of t tokens after `past` makes each attention layer hold t × (past + t) scores per head
         plus the additive mask (GroupQueryAttention's bias, expanded to t rows): float32
         [batch, heads + 2, t, past + t]. That grows with the context, so with a fixed chunk the peak
         memory of a long prefill grows faster than the K/V cache. Solving t·(past + t) ≤ budget / (4·
         batch·(heads + 2)) keeps it at the budget: whole short prompts in one chunk, a 32K-token prompt
-        in shrinking chunks (~90 tokens at 32K on `small` with the default 64 MiB).
+        in shrinking chunks (~90 tokens at 32K on `small` with 64 MiB).
         """
         if chunk_size is not None:
             return min(chunk_size, remaining)

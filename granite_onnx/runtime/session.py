@@ -253,6 +253,8 @@ class GraniteSession:
         self.ort = ort
         self.path = Path(path)
         self.cfg, self.meta = read_folder_config(self.path)
+        # what the weights take on disk (and so, near enough, in memory): sizes the prefill workspace
+        self.weight_bytes = sum(f.stat().st_size for f in (self.path / MODEL_FILE, self.path / DATA_FILE))
         providers, self.device = _providers(ort, provider)
         from granite_onnx.export.precision import provider_problem  # torch-free, onnx-free
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from granite_onnx.runtime import Model
-from granite_onnx.runtime.generate import ATTENTION_BUDGET, MIN_AUTO_CHUNK
+from granite_onnx.runtime.generate import ATTENTION_BUDGET, MIN_AUTO_CHUNK, attention_budget_for
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +25,30 @@ def test_chunk_length_keeps_the_attention_workspace_in_budget(model: Model) -> N
     sizes = [model.chunk_length(past, 10**6, 1) for past in (0, 1000, 4000, 16000, 64000)]
     print("auto chunk by past length:", sizes)
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > 1000
+    assert model.attention_budget == ATTENTION_BUDGET  # a small model: the 64 MiB floor
     for past, t in zip((0, 1000, 4000, 16000, 64000), sizes):
         assert t == MIN_AUTO_CHUNK or 4 * (heads + 2) * t * (past + t) <= ATTENTION_BUDGET
     assert model.chunk_length(0, 10, 1) == 10  # a short prompt is one chunk
     assert model.chunk_length(5000, 10**6, 1, chunk_size=77) == 77
     assert model.chunk_length(0, 10**6, 4) < model.chunk_length(0, 10**6, 1)  # the batch shares the budget
+
+
+def test_the_budget_grows_with_the_weights(model: Model) -> None:
+    """Each chunk reads every weight once: big models get fewer, longer chunks (1/8 of the weight bytes)."""
+    data = model.session.path / "model.onnx.data"
+    assert model.session.weight_bytes == data.stat().st_size + (model.session.path / "model.onnx").stat().st_size
+    assert attention_budget_for(10 * 2**20) == ATTENTION_BUDGET
+    tiny_4l = 2_920_000_000  # Granite-Tiny widths, 4 layers, float32
+    assert attention_budget_for(tiny_4l) == tiny_4l // 8
+    small_budget = model.attention_budget
+    try:
+        model.attention_budget = attention_budget_for(tiny_4l)
+        big = [model.chunk_length(past, 4096 - past, 1) for past in (0, 2000)]
+    finally:
+        model.attention_budget = small_budget
+    small = [model.chunk_length(past, 4096 - past, 1) for past in (0, 2000)]
+    print("chunks of a 4096-token prompt, 64 MiB vs 365 MB budget:", small, big)
+    assert big[0] > 2 * small[0] and big[1] > 2 * small[1]
 
 
 def test_progress_is_reported_per_chunk(model: Model) -> None:
