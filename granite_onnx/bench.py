@@ -59,6 +59,7 @@ The JSON (`granite-onnx bench ... --json`, and what `bench()` returns):
       "machine_bandwidth_gb_s": 12.3,  # a numpy copy of 256 MiB: memory, past any cache
       "roofline": {"gemv_gb_s": {"43 MiB": 41.0, ...},   # ONNX Runtime's batch-1 MatMul per working set
                    "gemm_gflop_s": 216.0} | absent,      # its dense [512, h] × [h, 4h] MatMul; absent: --no-roofline
+                                                         # (each measured right after the timings it is set against)
       "peak_rss_mb": 800.0,        # the process peak RSS (kept across the peak resets the memory figures use)
       "table": "..."               # what `granite-onnx bench` prints without --json
     }
@@ -433,6 +434,8 @@ def bench(model_dirs: str | Path | Sequence[str | Path], reference: str | None, 
         "reference": None,
         "fused_vs_portable": None if pair is None else {"fused": pair[0], "portable": pair[1]},
         "prefill": [], "decode": []}
+    if roofline:
+        res["roofline"] = {"gemv_gb_s": {}, "gemm_gflop_s": None}
     models: dict[str, Any] = {}
     bpp: dict[str, float] = {HF_LABEL: 4.0}
 
@@ -502,6 +505,11 @@ def bench(model_dirs: str | Path | Sequence[str | Path], reference: str | None, 
                     secs[lab] = min(t, secs.get(lab, t))
             vs_hf, fp = ratios(secs, faster_is_smaller=True)
             res["prefill"].append({"tokens": n, "s": secs, "vs_hf": vs_hf, "fused_over_portable": fp})
+        if roofline and res["prefill"]:  # measured now, in the conditions the prefills just ran in
+            say("roofline: ONNX Runtime's dense MatMul rate")
+            res["roofline"]["gemm_gflop_s"] = gflops = gemm_gflop_s(cfg.hidden_size, threads)
+            for p in res["prefill"]:
+                prefill_roofline(p, cfg, gflops)
 
         for b in batches:
             say(f"decode batch {b}: {new_tokens} new tokens after {prompt_len}: {', '.join(order)}")
@@ -517,6 +525,9 @@ def bench(model_dirs: str | Path | Sequence[str | Path], reference: str | None, 
                         rows[lab] = row
             vs_hf, fp = ratios({lab: r["tok_s"] for lab, r in rows.items()}, faster_is_smaller=False)
             res["decode"].append({"batch": b, "runtimes": rows, "vs_hf": vs_hf, "fused_over_portable": fp})
+            if roofline:
+                say(f"roofline: ONNX Runtime's batch-1 MatMul over the working set of a batch-{b} step")
+                decode_roofline(res["decode"][-1], cfg, bpp, threads, res["roofline"]["gemv_gb_s"])
 
         if turns > 0:
             say(f"multi-turn ({labels[0]}): {turns} turns of {prompt_len} new tokens and {new_tokens}-token replies")
@@ -526,40 +537,37 @@ def bench(model_dirs: str | Path | Sequence[str | Path], reference: str | None, 
                            "peak_growth_mb": mem.growth_mb(lab)} for lab in order}
     res["peak_rss_mb"] = mem.peak_mb()  # before the bandwidth test's own 512 MB
     res["machine_bandwidth_gb_s"] = measure_bandwidth_gbs()
-    if roofline:
-        say("roofline: ONNX Runtime's MatMul at each decode step's working set, and on a dense prefill product")
-        add_roofline(res, cfg, threads, bpp)
     res["table"] = format_table(res)
     return res
 
 
-def add_roofline(res: dict[str, Any], cfg: HybridConfig, threads: int, bpp: dict[str, float]) -> None:
-    """Adds the ceilings of granite_onnx.roofline to `res`. Each decode row gets "roofline_gb_s" (ONNX
-    Runtime's batch-1 MatMul over a working set of that runtime's step bytes), "of_roofline" (its gb_s over
-    that) and "floor_ms" (its step bytes over that); each decode batch gets "ceiling_vs_hf" per folder (HF's
-    step time over the folder's floor). Each prefill length gets "gflop", "gflop_s" per runtime, "floor_s"
-    (the FLOPs at ONNX Runtime's dense MatMul rate) and "ceiling_vs_hf". Also `res["roofline"]`."""
-    rates: dict[int, float] = {}
-    for d in res["decode"]:
-        for lab, row in d["runtimes"].items():
-            nbytes = bytes_per_decode_step(cfg, d["batch"], bpp[lab])
-            mib = int(min(nbytes, 1 << 30) // (1 << 20))  # working sets of the same size share a measurement
-            if mib not in rates:
-                rates[mib] = gemv_gb_s(nbytes, cfg.hidden_size, threads)
-            row["roofline_gb_s"] = rates[mib]
-            row["of_roofline"] = row["gb_s"] / rates[mib]
-            row["floor_ms"] = nbytes / rates[mib] / 1e6
-        hf = d["runtimes"].get(HF_LABEL)
-        d["ceiling_vs_hf"] = {} if hf is None else {
-            lab: d["batch"] / hf["tok_s"] * 1e3 / row["floor_ms"] for lab, row in d["runtimes"].items()
-            if lab != HF_LABEL}
-    gflops = gemm_gflop_s(cfg.hidden_size, threads) if res["prefill"] else None
-    for p in res["prefill"]:
-        p["gflop"] = prefill_flops(cfg, p["tokens"]) / 1e9
-        p["gflop_s"] = {lab: p["gflop"] / s for lab, s in p["s"].items()}
-        p["floor_s"] = p["gflop"] / gflops
-        p["ceiling_vs_hf"] = p["s"][HF_LABEL] / p["floor_s"] if HF_LABEL in p["s"] else None
-    res["roofline"] = {"gemv_gb_s": {f"{mib} MiB": v for mib, v in sorted(rates.items())}, "gemm_gflop_s": gflops}
+def prefill_roofline(p: dict[str, Any], cfg: HybridConfig, gflops: float) -> None:
+    """Adds to a prefill entry: "gflop" (granite_onnx.roofline.prefill_flops), "gflop_s" per runtime,
+    "floor_s" (the FLOPs at `gflops`, ONNX Runtime's dense MatMul rate) and "ceiling_vs_hf" (HF s / floor)."""
+    p["gflop"] = prefill_flops(cfg, p["tokens"]) / 1e9
+    p["gflop_s"] = {lab: p["gflop"] / s for lab, s in p["s"].items()}
+    p["floor_s"] = p["gflop"] / gflops
+    p["ceiling_vs_hf"] = p["s"][HF_LABEL] / p["floor_s"] if HF_LABEL in p["s"] else None
+
+
+def decode_roofline(d: dict[str, Any], cfg: HybridConfig, bpp: dict[str, float], threads: int,
+                    rates: dict[str, float]) -> None:
+    """Measures ONNX Runtime's batch-1 MatMul over each runtime's working set at this batch (recorded in
+    `rates` by size) and adds to each row "roofline_gb_s", "of_roofline" (the row's gb_s over it) and
+    "floor_ms" (the step's bytes over it); to the batch entry "ceiling_vs_hf" per folder (HF's step time over
+    the folder's floor)."""
+    measured: dict[int, float] = {}
+    for lab, row in d["runtimes"].items():
+        nbytes = bytes_per_decode_step(cfg, d["batch"], bpp[lab])
+        mib = int(min(nbytes, 1 << 30) // (1 << 20))  # runtimes with the same working set share a measurement
+        if mib not in measured:
+            measured[mib] = rates[f"{mib} MiB"] = gemv_gb_s(nbytes, cfg.hidden_size, threads, head=cfg.vocab_size)
+        row["roofline_gb_s"] = measured[mib]
+        row["of_roofline"] = row["gb_s"] / measured[mib]
+        row["floor_ms"] = nbytes / measured[mib] / 1e6
+    hf = d["runtimes"].get(HF_LABEL)
+    d["ceiling_vs_hf"] = {} if hf is None else {
+        lab: d["batch"] / hf["tok_s"] * 1e3 / row["floor_ms"] for lab, row in d["runtimes"].items() if lab != HF_LABEL}
 
 
 def _f(x: Any, fmt: str) -> str:

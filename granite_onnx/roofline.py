@@ -63,8 +63,8 @@ def prefill_flops(cfg: HybridConfig, tokens: int) -> float:
     return flops
 
 
-def _matmul_model(folder: Path, m: int, k: int, n: int, count: int) -> Path:
-    """`count` independent MatMuls [m, k] × [k, n] of one input, the weights in an external data file."""
+def _matmul_model(folder: Path, m: int, k: int, widths: list[int]) -> Path:
+    """Independent MatMuls [m, k] × [k, n] of one input, n in `widths`, the weights in an external data file."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -72,7 +72,7 @@ def _matmul_model(folder: Path, m: int, k: int, n: int, count: int) -> Path:
     rng = np.random.default_rng(0)
     inits = []
     with open(data, "wb") as f:
-        for i in range(count):  # distinct values: ONNX Runtime shares identical initializers
+        for i, n in enumerate(widths):  # distinct values: ONNX Runtime shares identical initializers
             w = rng.random((k, n), dtype=np.float32)
             t = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[k, n])
             t.data_location = TensorProto.EXTERNAL
@@ -80,22 +80,22 @@ def _matmul_model(folder: Path, m: int, k: int, n: int, count: int) -> Path:
                 t.external_data.add(key=key, value=val)
             f.write(w.tobytes())
             inits.append(t)
-    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]) for i in range(count)]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]) for i in range(len(widths))]
     graph = helper.make_graph(nodes, "roofline", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
-                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [m, n]) for i in range(count)],
-                              inits)
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [m, n])
+                               for i, n in enumerate(widths)], inits)
     path = folder / "model.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
 
 
-def _best_run_s(folder: Path, m: int, k: int, n: int, count: int, threads: int, min_s: float) -> float:
+def _best_run_s(folder: Path, m: int, k: int, widths: list[int], threads: int, min_s: float) -> float:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.log_severity_level = 3
-    sess = ort.InferenceSession(str(_matmul_model(folder, m, k, n, count)), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(_matmul_model(folder, m, k, widths)), so, providers=["CPUExecutionProvider"])
     x = np.full((m, k), 0.5, dtype=np.float32)
     for _ in range(3):  # prepacking, first touch, caches
         sess.run(None, {"x": x})
@@ -108,19 +108,21 @@ def _best_run_s(folder: Path, m: int, k: int, n: int, count: int, threads: int, 
     return best
 
 
-def gemv_gb_s(nbytes: float, k: int, threads: int, min_s: float = 0.3) -> float:
+def gemv_gb_s(nbytes: float, k: int, threads: int, head: int = 0, min_s: float = 0.3) -> float:
     """Bytes per second ONNX Runtime's MatMul reads float32 weights at batch 1, over a working set of
-    `nbytes` (capped at 1 GiB) in MatMuls of ~4 MiB with `k` rows (a model's hidden size); best run."""
+    `nbytes` (capped at 1 GiB) laid out like a model's: one [k, head] MatMul (the LM head; 0: none) and the
+    rest in MatMuls of ~4 MiB with `k` rows (k: the hidden size); best run."""
     total = min(max(float(nbytes), _PIECE_BYTES), GEMV_CAP_BYTES)
+    widths = [head] if 0 < 4 * k * head < total else []
     n = max(64, _PIECE_BYTES // (4 * k))
-    count = max(1, round(total / (4 * k * n)))
+    widths += [n] * max(1, round((total - 4 * k * sum(widths)) / (4 * k * n)))
     with tempfile.TemporaryDirectory(prefix="granite-roofline-") as tmp:
-        s = _best_run_s(Path(tmp), 1, k, n, count, threads, min_s)
-    return 4.0 * k * n * count / s / 1e9
+        s = _best_run_s(Path(tmp), 1, k, widths, threads, min_s)
+    return 4.0 * k * sum(widths) / s / 1e9
 
 
 def gemm_gflop_s(k: int, threads: int, tokens: int = 512, min_s: float = 0.3) -> float:
     """FLOPs per second of ONNX Runtime's MatMul on [tokens, k] × [k, 4k] with prepacked weights; best run."""
     with tempfile.TemporaryDirectory(prefix="granite-roofline-") as tmp:
-        s = _best_run_s(Path(tmp), tokens, k, 4 * k, 1, threads, min_s)
+        s = _best_run_s(Path(tmp), tokens, k, [4 * k], threads, min_s)
     return 2.0 * tokens * k * 4 * k / s / 1e9

@@ -40,7 +40,7 @@ def test_prefill_flops_by_hand() -> None:
 def test_rate_models_hold_distinct_weights(tmp_path: Path) -> None:
     """ONNX Runtime shares identical initializers: a working set of copies would be read once and
     overstate the bandwidth (84 GB/s instead of 20 for 806 MB here). Every piece must differ."""
-    path = _matmul_model(tmp_path, 1, 32, 64, 3)
+    path = _matmul_model(tmp_path, 1, 32, [64, 64, 64])
     m = onnx.load(path)
     ws = [numpy_helper.to_array(t, base_dir=str(tmp_path)) for t in m.graph.initializer]
     assert [w.shape for w in ws] == [(32, 64)] * 3
@@ -49,7 +49,7 @@ def test_rate_models_hold_distinct_weights(tmp_path: Path) -> None:
 
 
 def test_rates_are_measured() -> None:
-    gb_s = gemv_gb_s(8 << 20, 256, threads=1, min_s=0.05)
+    gb_s = gemv_gb_s(8 << 20, 256, threads=1, head=2000, min_s=0.05)
     gflop_s = gemm_gflop_s(128, threads=1, tokens=64, min_s=0.05)
     print(f"1 thread: batch-1 MatMul over 8 MiB {gb_s:.1f} GB/s; [64,128]×[128,512] {gflop_s:.1f} GFLOP/s")
     assert 0.1 < gb_s < 2000 and 0.1 < gflop_s < 10000
