@@ -59,7 +59,8 @@ The JSON (`granite-onnx bench ... --json`, and what `bench()` returns):
       "machine_bandwidth_gb_s": 12.3,  # a numpy copy of 256 MiB: memory, past any cache
       "roofline": {"gemv_gb_s": {"43 MiB": 41.0, ...},   # ONNX Runtime's batch-1 MatMul per working set
                    "gemm_gflop_s": 216.0} | absent,      # its dense [512, h] × [h, 4h] MatMul; absent: --no-roofline
-                                                         # (each measured right after the timings it is set against)
+                                                         # (each measured right after the timings it is set against;
+                                                         # "error": why the rest were skipped, if one could not run)
       "peak_rss_mb": 800.0,        # the process peak RSS (kept across the peak resets the memory figures use)
       "table": "..."               # what `granite-onnx bench` prints without --json
     }
@@ -77,7 +78,7 @@ import json
 import logging
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -461,7 +462,7 @@ def bench(model_dirs: str | Path | Sequence[str | Path], reference: str | None, 
         load_folder(i)
 
     hf = None
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() if not skip_hf else nullcontext("") as tmp:  # the HF checkpoint, if any
         if not skip_hf:
             import torch
 
@@ -505,11 +506,26 @@ def bench(model_dirs: str | Path | Sequence[str | Path], reference: str | None, 
                     secs[lab] = min(t, secs.get(lab, t))
             vs_hf, fp = ratios(secs, faster_is_smaller=True)
             res["prefill"].append({"tokens": n, "s": secs, "vs_hf": vs_hf, "fused_over_portable": fp})
-        if roofline and res["prefill"]:  # measured now, in the conditions the prefills just ran in
-            say("roofline: ONNX Runtime's dense MatMul rate")
+        def measure_roofline(what: str, fn: Callable[[], None]) -> None:
+            """A roofline measurement that cannot run (no space for its weights file, say) drops the roofline
+            for the rest of the run, with a warning: the timings already taken are kept."""
+            if "error" in res["roofline"]:
+                return
+            say(f"roofline: {what}")
+            try:
+                fn()
+            except (OSError, MemoryError) as e:
+                res["roofline"]["error"] = f"{type(e).__name__}: {e}"
+                say(f"warning: roofline skipped from here on ({res['roofline']['error']}); "
+                    "the timings are unaffected (--no-roofline avoids it)")
+
+        def gemm_roofline() -> None:
             res["roofline"]["gemm_gflop_s"] = gflops = gemm_gflop_s(cfg.hidden_size, threads)
             for p in res["prefill"]:
                 prefill_roofline(p, cfg, gflops)
+
+        if roofline and res["prefill"]:  # measured now, in the conditions the prefills just ran in
+            measure_roofline("ONNX Runtime's dense MatMul rate", gemm_roofline)
 
         for b in batches:
             say(f"decode batch {b}: {new_tokens} new tokens after {prompt_len}: {', '.join(order)}")
@@ -526,8 +542,9 @@ def bench(model_dirs: str | Path | Sequence[str | Path], reference: str | None, 
             vs_hf, fp = ratios({lab: r["tok_s"] for lab, r in rows.items()}, faster_is_smaller=False)
             res["decode"].append({"batch": b, "runtimes": rows, "vs_hf": vs_hf, "fused_over_portable": fp})
             if roofline:
-                say(f"roofline: ONNX Runtime's batch-1 MatMul over the working set of a batch-{b} step")
-                decode_roofline(res["decode"][-1], cfg, bpp, threads, res["roofline"]["gemv_gb_s"])
+                measure_roofline(f"ONNX Runtime's batch-1 MatMul over the working set of a batch-{b} step",
+                                 lambda: decode_roofline(res["decode"][-1], cfg, bpp, threads,  # noqa: B023
+                                                         res["roofline"]["gemv_gb_s"]))
 
         if turns > 0:
             say(f"multi-turn ({labels[0]}): {turns} turns of {prompt_len} new tokens and {new_tokens}-token replies")
@@ -600,7 +617,7 @@ def format_table(r: dict[str, Any]) -> str:
             vals += [f"{p['vs_hf'][lab]:.2f}×" for lab in labels] if HF_LABEL in order else []
             vals += [f"{p['fused_over_portable']:.2f}×"] if pair else []
             lines.append(f"  {p['tokens']:6d} tokens  " + "  ".join(f"{v:>{cw}}" for v, cw in zip(vals, widths)))
-        if r.get("roofline"):
+        if r.get("roofline", {}).get("gemm_gflop_s"):
             lines.append(f"  roofline: ONNX Runtime's dense MatMul {r['roofline']['gemm_gflop_s']:.0f} GFLOP/s")
             for p in r["prefill"]:
                 rates = ", ".join(f"{lab} {v:.0f}" for lab, v in p["gflop_s"].items())
@@ -613,7 +630,8 @@ def format_table(r: dict[str, Any]) -> str:
                       f"GB/s = weight bytes read per step / step time (machine copy bandwidth "
                       f"{r['machine_bandwidth_gb_s']:.1f} GB/s)",
                   f"  batch  {'runtime':<{w}}     tok/s      ×HF   TTFT (s)   p50/p99 step (ms)    outside run"
-                  "     GB/s" + ("  roofline GB/s, %  floor (ms)" if r.get("roofline") else "")]
+                  "     GB/s" + ("  roofline GB/s, %  floor (ms)" if any(
+                      "roofline_gb_s" in x for d in r["decode"] for x in d["runtimes"].values()) else "")]
         for d in r["decode"]:
             for i, lab in enumerate(order):
                 x = d["runtimes"][lab]
@@ -631,6 +649,8 @@ def format_table(r: dict[str, Any]) -> str:
             if pair:
                 lines.append(f"  {'':<5}  {'fused/portable':<{w}} {d['fused_over_portable']:8.2f}×")
 
+    if r.get("roofline", {}).get("error"):
+        lines += ["", f"roofline skipped from one measurement on: {r['roofline']['error']}"]
     mem = r.get("memory") or {}
     if mem:
         lines += ["", f"{'memory (MB)':<{w + 2}}  load: RSS added  load: peak growth  peak growth while timed"]

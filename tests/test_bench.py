@@ -78,6 +78,26 @@ def test_bench_fused_portable_and_hf_side_by_side(fused_and_portable: tuple[Path
     assert "roofline" in res["table"] and "ceiling ×HF" in res["table"]
 
 
+def test_a_roofline_that_cannot_run_keeps_the_timings(fused_and_portable: tuple[Path, Path]) -> None:
+    """The roofline writes its weights to a temporary folder; where it cannot (here: a temp dir that does
+    not exist, as a full disk would), bench warns, drops the roofline and still reports every timing."""
+    fused, _ = fused_and_portable
+    code = ("import sys, tempfile; tempfile.tempdir = '/nonexistent/granite-roofline'; "
+            "from granite_onnx.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "bench", str(fused), "--no-hf", "--batch", "1", "2",
+                        "--new-tokens", "2", "--prefill", "8", "--turns", "0", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    print(r.stderr.splitlines()[-3:])
+    assert "roofline skipped" in r.stderr and "Traceback" not in r.stderr
+    assert res["roofline"]["error"].startswith("FileNotFoundError") and "roofline skipped" in res["table"]
+    assert res["prefill"][0]["s"]["fused"] > 0 and "floor_s" not in res["prefill"][0]
+    assert [d["batch"] for d in res["decode"]] == [1, 2]
+    assert all(d["runtimes"]["fused"]["tok_s"] > 0 for d in res["decode"])
+    assert "roofline_gb_s" not in res["decode"][1]["runtimes"]["fused"]
+
+
 def res_cfg(res: dict) -> HybridConfig:
     assert res["config"] == "test"
     return preset("test")
