@@ -506,6 +506,7 @@ def bench(model_dirs: str | Path | Sequence[str | Path], reference: str | None, 
                     secs[lab] = min(t, secs.get(lab, t))
             vs_hf, fp = ratios(secs, faster_is_smaller=True)
             res["prefill"].append({"tokens": n, "s": secs, "vs_hf": vs_hf, "fused_over_portable": fp})
+
         def measure_roofline(what: str, fn: Callable[[], None]) -> None:
             """A roofline measurement that cannot run (no space for its weights file, say) drops the roofline
             for the rest of the run, with a warning: the timings already taken are kept."""
