@@ -44,8 +44,8 @@ def attention_budget_for(weight_bytes: int) -> int:
 
     Every prefill chunk reads every weight once, so the chunk must be long enough to amortise that read.
     At Granite-Tiny widths (tiny-4L, 2.9 GB of float32 weights) a 64 MiB budget cut a 4096-token prompt into
-    9 chunks (1094 … 294 tokens) that re-read 2.9 GB each from memory; 1/8 of the weights (365 MiB) makes it 2
-    chunks and the prefill ~25 % faster (BENCHMARKS.md). The workspace stays bounded whatever the context
+    9 chunks (1094 … 294 tokens) that re-read 2.9 GB each from memory; 1/8 of the weights (365 MB = 348 MiB)
+    makes it 2 chunks and the prefill ~20 % faster (best 6.83 → 5.49 s, BENCHMARKS.md). The workspace stays bounded whatever the context
     (the flat-memory property), and in proportion to what the model already holds: small models keep 64 MiB."""
     return max(ATTENTION_BUDGET, weight_bytes // WEIGHTS_PER_BUDGET)
 
