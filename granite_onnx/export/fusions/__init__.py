@@ -2,7 +2,7 @@
 
 | fusion    | replaces                            | with (com.microsoft unless noted)          | file         |
 |-----------|-------------------------------------|--------------------------------------------|--------------|
-| scan      | granite_onnx.CausalConv1d           | CausalConvWithState(activation="silu")     | scan.py      |
+| scan      | granite_onnx.CausalConv1d           | CausalConvWithState + Sigmoid·Mul (SiLU)   | scan.py      |
 |           | granite_onnx.SSMScan                | LinearAttention(update_rule="gated")       | scan.py      |
 | moe       | granite_onnx.MoE                    | MatMul (router logits) + MoE(swiglu)       | moe.py       |
 | moe_split | MoE over E experts, top-k           | MoE over 2E half-experts, top-2k           | moe_split.py |

@@ -1,9 +1,13 @@
 """Mamba-2 mixer kernels → ONNX Runtime's recurrent contrib ops.
 
 * `granite_onnx.CausalConv1d(x [B,C,T], past [B,C,K−1], weight [C,K], bias [C]) → y (SiLU'd), present`
-  becomes `com.microsoft.CausalConvWithState(x, weight [C,1,K], bias, past, activation="silu")`.
-  The contrib op wants the depthwise weight in ONNX Conv layout [C, 1, K]; inputs and state stay
-  channels-first, as ours are. Its CPU kernel (ORT 1.32) accepts any K (probed 1…16) and float32/16.
+  becomes `z = com.microsoft.CausalConvWithState(x, weight [C,1,K], bias, past, activation="none")`,
+  `y = z · Sigmoid(z)`. The contrib op wants the depthwise weight in ONNX Conv layout [C, 1, K]; inputs
+  and state stay channels-first, as ours are. Its CPU kernel (ORT 1.32) accepts any K (probed 1…16) and
+  float32/16. Its own `activation="silu"` is a scalar std::exp per channel and position; outside it,
+  ONNX Runtime fuses Sigmoid·Mul into QuickGelu, whose logistic is MLAS-vectorised: six conv layers of
+  `small`, 1 / 4 tokens, 47 → 33 / 169 → 117 µs; three of tiny-4L widths over 512 tokens, 17.6 → 7.4 ms
+  (outputs within 2e-6).
 
 * `granite_onnx.SSMScan(x [B,T,H,P], dt [B,T,H], A [H], B [B,T,G,N], C [B,T,G,N], h0 [B,H,N,P])`
   is the recurrence  h_t = exp(dt_t·A)·h_{t−1} + (dt_t·x_t) ⊗ B_t ;  y_t = C_t · h_t  — i.e.
@@ -41,7 +45,7 @@ from granite_onnx.export.fusions._common import (
 
 
 class CausalConvFusion(pattern.RewriteRuleClassBase):
-    """CausalConv1d call → CausalConvWithState(activation="silu")."""
+    """CausalConv1d call → CausalConvWithState(activation="none") · Sigmoid of it (SiLU)."""
 
     def pattern(self, op, x, past, weight, bias):
         return op.CausalConv1d(x, past, weight, bias, _domain=PORTABLE_DOMAIN, _outputs=["y", "present"])
@@ -69,7 +73,8 @@ class CausalConvFusion(pattern.RewriteRuleClassBase):
                                      lambda w: w.reshape(channels, 1, k))
         else:
             w3 = s.Unsqueeze(weight, s.ints([1]), _what="weight")
-        return s.CausalConvWithState(x, w3, bias, past, activation="silu", _domain=ORT_DOMAIN, _outputs=2)
+        z, present = s.CausalConvWithState(x, w3, bias, past, activation="none", _domain=ORT_DOMAIN, _outputs=2)
+        return s.Mul(z, s.Sigmoid(z, _what="silu_gate"), _what="silu"), present
 
 
 class SSMScanFusion(pattern.RewriteRuleClassBase):
