@@ -197,6 +197,35 @@ def kv_cache_mode(cfg: HybridConfig, fusion_counts: dict[str, int] | None) -> st
     fused = (fusion_counts or {}).get("attention", 0)
     return "shared" if attention_layers and fused == attention_layers else "grow"
 
+# ONNX Runtime contrib ops that read their past state (input 3) only before writing their present state
+# (output 1), so one buffer may be both: LinearAttention copies the past into the present first, then
+# updates it; CausalConvWithState reads each channel's window before writing that channel's state.
+_IN_PLACE_STATE_OPS = {("com.microsoft", "LinearAttention"), ("com.microsoft", "CausalConvWithState")}
+
+
+def recurrent_state_mode(model: onnx.ModelProto, cfg: HybridConfig) -> str:
+    """"inplace" when every recurrent past input (conv and SSM state) is read by one node only — the
+    contrib op that also writes the matching present output — so the runtime may bind one buffer as both
+    (see runtime/session.py); else "pingpong" (a portable graph's scan reads its past state in several
+    places: the present must be another buffer)."""
+    specs = [s for s in io.state_specs(cfg) if s.kind in ("conv_state", "recurrent_state")]
+    if not specs:
+        return "pingpong"
+    nodes = list(model.graph.node)
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute):
+        return "pingpong"  # a subgraph may read a past input too: not worth proving otherwise
+    for s in specs:
+        readers = [n for n in nodes if s.past_name in n.input]
+        if len(readers) != 1:
+            return "pingpong"
+        n = readers[0]
+        if ((n.domain, n.op_type) not in _IN_PLACE_STATE_OPS or list(n.input).count(s.past_name) != 1
+                or len(n.input) < 4 or n.input[3] != s.past_name or len(n.output) < 2
+                or n.output[1] != s.present_name):
+            return "pingpong"
+    return "inplace"
+
+
 def export(*, model: str | Path | None = None, preset_name: str | None = None, seed: int = 0,
            layers: int | None = None, out: str | Path, options: ExportOptions | None = None,
            progress: Callable[[str], None] | None = None, source: WeightSource | None = None) -> dict[str, Any]:
@@ -267,7 +296,10 @@ def export(*, model: str | Path | None = None, preset_name: str | None = None, s
             report["timings_s"]["fuse_s"] = round(time.perf_counter() - t, 3)
         (tmp / GRANITE_CONFIG).write_text(json.dumps({"config": cfg.to_json_dict(), "logits": opts.logits,
                                                       "graph": report["graph"], "weights": fmt.to_json(),
-                                                      "kv_cache": kv_cache_mode(cfg, report.get("fusion_counts"))},
+                                                      "kv_cache": kv_cache_mode(cfg, report.get("fusion_counts")),
+                                                      "recurrent_state": recurrent_state_mode(
+                                                          onnx.load(str(tmp / MODEL_FILE), load_external_data=False),
+                                                          cfg)},
                                                      indent=2))
         (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(cfg), indent=2))
         copied = []

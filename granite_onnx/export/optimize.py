@@ -15,7 +15,14 @@ from typing import Any
 
 import onnx
 
-from granite_onnx.export.exporter import GRANITE_CONFIG, MODEL_FILE, REPORT, kv_cache_mode, op_histogram
+from granite_onnx.export.exporter import (
+    GRANITE_CONFIG,
+    MODEL_FILE,
+    REPORT,
+    kv_cache_mode,
+    op_histogram,
+    recurrent_state_mode,
+)
 from granite_onnx.models.config import HybridConfig
 from granite_onnx.export.folder import ExportError, atomic_folder
 
@@ -40,7 +47,9 @@ def optimize_folder(in_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
             if f.name not in _COPY_SKIP and f.is_file():
                 shutil.copy2(f, tmp / f.name)
         meta["graph"] = "fused"
-        meta["kv_cache"] = kv_cache_mode(HybridConfig.from_json_dict(meta["config"]), counts)
+        cfg = HybridConfig.from_json_dict(meta["config"])
+        meta["kv_cache"] = kv_cache_mode(cfg, counts)
+        meta["recurrent_state"] = recurrent_state_mode(onnx.load(str(tmp / MODEL_FILE), load_external_data=False), cfg)
         (tmp / GRANITE_CONFIG).write_text(json.dumps(meta, indent=2))
         report = json.loads((src / REPORT).read_text()) if (src / REPORT).exists() else {}
         report.update({"graph": "fused", "fusion_counts": counts, "op_histogram_portable": before,
