@@ -248,12 +248,11 @@ def long_prompt(model: Any, tokens: int, chunk_size: int | None, progress: Calla
     dt = time.perf_counter() - t0
     after = _proc_status()
     kv = model.session.kv_nbytes(st)  # what the K/V buffers hold: under shared K/V, their capacity
-    recurrent = sum(int(np.prod(s.concrete_shape(1, 0))) * np.dtype(model.session.dtypes[s.past_name]).itemsize
-                    for s in model.session.specs if s.kind not in ("key", "value"))
+    recurrent = model.session.recurrent_nbytes(st)  # one set of buffers in place, two alternating
     growth = (after.get("VmHWM", 0) - before.get("VmRSS", 0)) if exact and after else None
     return {"tokens": tokens, "chunk_size": chunk_size, "chunks": chunks[0], "seconds": dt, "tok_s": tokens / dt,
             "peak_rss_growth_mb": None if growth is None else growth / 2**20, "kv_mb": kv / 2**20,
-            "recurrent_mb": 2 * recurrent / 2**20,  # two buffers (ping-pong)
+            "recurrent_mb": recurrent / 2**20,
             "beyond_kv_mb": None if growth is None else (growth - kv) / 2**20,
             "rss_before_mb": before.get("VmRSS", 0) / 2**20, "kv_cache": "shared" if st.kv_cap else "grow"}
 

@@ -78,11 +78,13 @@ class Model:
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None,
-             optimization: str = "all", spin: bool | None = None, kv_cache: str | None = None) -> Model:
+             optimization: str = "all", spin: bool | None = None, kv_cache: str | None = None,
+             recurrent_state: str | None = None) -> Model:
         """Load a model folder; `provider` "cpu" or "cuda", `threads` ONNX Runtime intra-op threads,
-        `spin` whether idle ORT workers spin, `kv_cache` "shared"/"grow"/None (see GraniteSession)."""
+        `spin` whether idle ORT workers spin, `kv_cache` "shared"/"grow"/None and `recurrent_state`
+        "inplace"/"pingpong"/None (see GraniteSession; None: the folder's own)."""
         sess = GraniteSession(path, provider=provider, threads=threads, optimization=optimization, spin=spin,
-                              kv_cache=kv_cache)
+                              kv_cache=kv_cache, recurrent_state=recurrent_state)
         try:
             tok: Tokenizer | None = Tokenizer.from_folder(path)
         except TokenizerNotFoundError:

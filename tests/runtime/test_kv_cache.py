@@ -151,9 +151,9 @@ def test_optimize_declares_shared_kv(test_model_last_dir: Path, shared: Model, t
     out = tmp_path / "optimized"
     optimize_folder(test_model_last_dir, out)
     meta = json.loads((out / "granite_config.json").read_text())
-    assert meta["graph"] == "fused" and meta["kv_cache"] == "shared"
+    assert meta["graph"] == "fused" and meta["kv_cache"] == "shared" and meta["recurrent_state"] == "inplace"
     m = Model.load(out, threads=2)
-    assert m.session.kv_shared
+    assert m.session.kv_shared and m.session.rec_inplace
     prompts = _prompts(m, [14, 6], seed=21)
     cfg = GenerationConfig(max_new_tokens=70)
     assert [r.token_ids for r in m.generate(prompts, cfg)] == [r.token_ids for r in shared.generate(prompts, cfg)]
