@@ -139,8 +139,11 @@ class Evictor:
 
 
 def time_node(ort: Any, node: Any, model: Any, inits: dict[str, Any], vals: dict[str, np.ndarray], base: Path,
-              samples: int, evict: Evictor) -> float:
-    """Median seconds of one run of a one-node model holding `node` (its weights as initializers)."""
+              samples: int, evict: Evictor, in_place: dict[str, str] | None = None) -> float:
+    """Median seconds of one run of a one-node model holding `node` (its weights as initializers).
+
+    `in_place`: past state name → present name of the states the runtime updates in place; a node that
+    reads one and writes the other gets one buffer bound as both, as the runtime binds it."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -159,10 +162,19 @@ def time_node(ort: Any, node: Any, model: Any, inits: dict[str, Any], vals: dict
     so = _session_options(ort, optimize=False)
     sess = ort.InferenceSession(one.SerializeToString(), so, providers=["CPUExecutionProvider"])
     binding = sess.io_binding()
+    shared = {}  # present name → the OrtValue bound as its past too
     for i in inputs:
-        binding.bind_cpu_input(i.name, vals[i.name])
+        present = (in_place or {}).get(i.name)
+        if present is not None and present in node.output:
+            shared[present] = ort.OrtValue.ortvalue_from_numpy(np.array(vals[i.name], copy=True))
+            binding.bind_ortvalue_input(i.name, shared[present])
+        else:
+            binding.bind_cpu_input(i.name, vals[i.name])
     for o in sess.get_outputs():
-        binding.bind_output(o.name)
+        if o.name in shared:
+            binding.bind_ortvalue_output(o.name, shared[o.name])
+        else:
+            binding.bind_output(o.name)
     sess.run_with_iobinding(binding)  # prepacking, first touch
     times = []
     for _ in range(samples):
@@ -204,6 +216,7 @@ def budget(folder: Path, batch: int = 1, threads: int = 2, context: int = 32, sa
     import onnx
 
     from granite_onnx import roofline
+    from granite_onnx.export import io
     from granite_onnx.runtime.session import import_ort, read_folder_config
 
     say = progress or (lambda s: None)
@@ -217,7 +230,10 @@ def budget(folder: Path, batch: int = 1, threads: int = 2, context: int = 32, sa
     # one thread pool for the evicting MatMuls and the node timed after them: the node then finds the
     # pool's workers awake, as it does inside a step (separate pools: every timed run woke a sleeping one)
     ort.capi.onnxruntime_pybind11_state.set_global_thread_pool_sizes(threads, 1)
-    cfg, _ = read_folder_config(folder)
+    cfg, meta = read_folder_config(folder)
+    # as the runtime on the CPU: the folder's in-place conv/SSM states get one buffer as past and present
+    in_place = {s.past_name: s.present_name for s in io.state_specs(cfg)
+                if s.kind in ("conv_state", "recurrent_state") and meta.get("recurrent_state") == "inplace"}
     with tempfile.TemporaryDirectory(prefix="granite-step-budget-") as t:
         tmp = Path(t)
         say("saving ONNX Runtime's optimised graph")
@@ -234,7 +250,7 @@ def budget(folder: Path, batch: int = 1, threads: int = 2, context: int = 32, sa
         for i, node in enumerate(nodes):
             if i % 25 == 0:
                 say(f"timing node {i + 1}/{len(nodes)} alone")
-            s = time_node(ort, node, model, inits, vals, tmp, samples, evict)
+            s = time_node(ort, node, model, inits, vals, tmp, samples, evict, in_place)
             per_op[node.op_type] += max(0.0, s - empty_s)
             count[node.op_type] += 1
     exec_s = executor_per_node(ort, cfg.hidden_size) * len(nodes)
