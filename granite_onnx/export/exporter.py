@@ -205,17 +205,19 @@ _IN_PLACE_STATE_OPS = {("com.microsoft", "LinearAttention"), ("com.microsoft", "
 
 def recurrent_state_mode(model: onnx.ModelProto, cfg: HybridConfig) -> str:
     """"inplace" when every recurrent past input (conv and SSM state) is read by one node only — the
-    contrib op that also writes the matching present output — so the runtime may bind one buffer as both
-    (see runtime/session.py); else "pingpong" (a portable graph's scan reads its past state in several
-    places: the present must be another buffer)."""
+    contrib op that also writes the matching present output — besides nodes that read its shape alone, so
+    the runtime may bind one buffer as both (see runtime/session.py); else "pingpong" (a portable graph's
+    scan reads its past state in several places, a float16 graph casts it first: the present must be
+    another buffer)."""
     specs = [s for s in io.state_specs(cfg) if s.kind in ("conv_state", "recurrent_state")]
     if not specs:
         return "pingpong"
     nodes = list(model.graph.node)
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute):
         return "pingpong"  # a subgraph may read a past input too: not worth proving otherwise
-    for s in specs:
-        readers = [n for n in nodes if s.past_name in n.input]
+    for s in specs:  # Shape/Size read the dims only, which no step changes
+        readers = [n for n in nodes if s.past_name in n.input
+                   and not (n.domain in ("", "ai.onnx") and n.op_type in ("Shape", "Size"))]
         if len(readers) != 1:
             return "pingpong"
         n = readers[0]
