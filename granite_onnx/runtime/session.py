@@ -20,8 +20,10 @@ folder (granite_config.json "recurrent_state") and the provider:
   half the recurrent memory, and a faster step — LinearAttention alone runs 2× (1 token) to 4.5×
   (4 tokens) faster updating its state where it lies than copying it into the other set; whole decode
   steps, paired A/B over 16–20 interleaved rounds: `small` 3–10 % at batch 1, 11–23 % at batch 4, 15 % at
-  16; tiny-4L 4 %. Outputs are identical (bit for bit). A run that fails midway may leave this state
-  partly advanced (the error says so).
+  16; tiny-4L 4 %. Outputs are identical (bit for bit) — tests/runtime/test_recurrent_state.py checks
+  that against alternating buffers with the installed ONNX Runtime, so a kernel that stops reading before
+  it writes fails there first. A run that fails midway may leave this state partly advanced (the error
+  says so).
 
 K/V has two layouts, chosen by the folder (granite_config.json "kv_cache"):
 
