@@ -408,9 +408,14 @@ class GraniteSession:
 
     def recurrent_nbytes(self, state: State) -> int:
         """Bytes of conv/SSM state memory `state` holds: one set of buffers in place, two alternating."""
-        held = {id(v): v for half in state.rec for v in half.values()}
-        return sum(int(np.prod(v.shape())) * np.dtype(self.dtypes[k]).itemsize
-                   for half in state.rec for k, v in half.items() if held.pop(id(v), None) is not None)
+        seen: set[int] = set()
+        total = 0
+        for half in state.rec:
+            for name, v in half.items():
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    total += int(np.prod(v.shape())) * np.dtype(self.dtypes[name]).itemsize
+        return total
 
     def state_to_numpy(self, state: State) -> dict[str, np.ndarray]:
         """Host copies of every past_* tensor (K/V: its past_len used columns; the current recurrent half)."""
