@@ -84,7 +84,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from granite_onnx.export.exporter import peak_rss_mb
 from granite_onnx.models.config import HybridConfig
 from granite_onnx.roofline import bytes_per_decode_step, gemm_gflop_s, gemv_gb_s, prefill_flops
 
@@ -298,6 +297,8 @@ class _Memory:
         return self.added[key] / 2**20 if key in self.added else None
 
     def peak_mb(self) -> float:
+        from granite_onnx.export.exporter import peak_rss_mb  # here, not at the top: importing bench stays torch-free
+
         self.note()
         return max(self.process_peak / 2**20, peak_rss_mb())
 

@@ -67,7 +67,7 @@ def prefill_flops(cfg: HybridConfig, tokens: int) -> float:
     return flops
 
 
-def _matmul_model(folder: Path, m: int, k: int, widths: list[int]) -> Path:
+def matmul_model(folder: Path, m: int, k: int, widths: list[int]) -> Path:
     """Independent MatMuls [m, k] × [k, n] of one input, n in `widths`, the weights in an external data file."""
     import onnx
     from onnx import TensorProto, helper
@@ -99,7 +99,7 @@ def _best_run_s(folder: Path, m: int, k: int, widths: list[int], threads: int, m
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.log_severity_level = 3
-    sess = ort.InferenceSession(str(_matmul_model(folder, m, k, widths)), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(matmul_model(folder, m, k, widths)), so, providers=["CPUExecutionProvider"])
     x = np.full((m, k), 0.5, dtype=np.float32)
     for _ in range(3):  # prepacking, first touch, caches
         sess.run(None, {"x": x})
@@ -112,14 +112,20 @@ def _best_run_s(folder: Path, m: int, k: int, widths: list[int], threads: int, m
     return best
 
 
-def gemv_gb_s(nbytes: float, k: int, threads: int, head: int = 0, min_s: float = 0.3) -> float:
-    """Bytes per second ONNX Runtime's MatMul reads float32 weights at batch 1, over a working set of
-    `nbytes` (capped at 1 GiB) laid out like a model's: one [k, head] MatMul (the LM head; 0: none) and the
-    rest in MatMuls of ~4 MiB with `k` rows (k: the hidden size); best run."""
+def gemv_widths(nbytes: float, k: int, head: int = 0) -> list[int]:
+    """Output widths of float32 [k, n] weights making a working set of `nbytes` (at least ~4 MiB, at most
+    1 GiB) laid out like a model's: one [k, head] MatMul (the LM head; 0: none) and the rest in pieces of
+    ~4 MiB (k: the hidden size)."""
     total = min(max(float(nbytes), _PIECE_BYTES), GEMV_CAP_BYTES)
     widths = [head] if 0 < 4 * k * head < total else []
     n = max(64, _PIECE_BYTES // (4 * k))
-    widths += [n] * max(1, round((total - 4 * k * sum(widths)) / (4 * k * n)))
+    return widths + [n] * max(1, round((total - 4 * k * sum(widths)) / (4 * k * n)))
+
+
+def gemv_gb_s(nbytes: float, k: int, threads: int, head: int = 0, min_s: float = 0.3) -> float:
+    """Bytes per second ONNX Runtime's MatMul reads float32 weights at batch 1, over a working set of
+    `nbytes` laid out as `gemv_widths` lays it out; best run."""
+    widths = gemv_widths(nbytes, k, head)
     with tempfile.TemporaryDirectory(prefix="granite-roofline-") as tmp:
         s = _best_run_s(Path(tmp), 1, k, widths, threads, min_s)
     return 4.0 * k * sum(widths) / s / 1e9

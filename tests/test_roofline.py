@@ -11,7 +11,7 @@ import pytest
 from onnx import numpy_helper
 
 from granite_onnx.models.config import MAMBA, preset
-from granite_onnx.roofline import _matmul_model, bytes_per_decode_step, gemm_gflop_s, gemv_gb_s, prefill_flops
+from granite_onnx.roofline import bytes_per_decode_step, gemm_gflop_s, gemv_gb_s, matmul_model, prefill_flops
 
 
 def test_decode_bytes_count_the_routed_experts_only() -> None:
@@ -40,7 +40,7 @@ def test_prefill_flops_by_hand() -> None:
 def test_rate_models_hold_distinct_weights(tmp_path: Path) -> None:
     """ONNX Runtime shares identical initializers: a working set of copies would be read once and
     overstate the bandwidth (84 GB/s instead of 20 for 806 MB here). Every piece must differ."""
-    path = _matmul_model(tmp_path, 1, 32, [64, 64, 64])
+    path = matmul_model(tmp_path, 1, 32, [64, 64, 64])
     m = onnx.load(path)
     ws = [numpy_helper.to_array(t, base_dir=str(tmp_path)) for t in m.graph.initializer]
     assert [w.shape for w in ws] == [(32, 64)] * 3

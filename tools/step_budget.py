@@ -17,8 +17,9 @@ machinery gone cold — which is why it is subtracted as measured the same way.)
 - `executor`: what ONNX Runtime's sequential executor adds per node (a chain of cheap nodes, per node,
   times the node count);
 - `python`: the time a step spends outside `run_with_iobinding` (binding, bookkeeping);
-- `step`: the runtime's decode step (best of 3 rounds of 64 steps, in a process of its own) and the
-  `unexplained` remainder, step − (kernels + executor + python).
+- `step`: the runtime's decode step, timed as `granite-onnx bench` times it (the median of 64 steps; the
+  best of 3 rounds, in a process of its own), and the `unexplained` remainder, step − (kernels + executor +
+  python).
 
 What it is good for: which kernels a step's time is in, and what the step would still cost if a rewrite
 kept those kernels (a kernel kept costs what it costs here). How far to trust it: the large kernels
@@ -54,26 +55,16 @@ def _session_options(ort: Any, optimize: bool) -> Any:
 
 
 def runtime_step(folder: Path, batch: int, threads: int, context: int) -> tuple[float, float]:
-    """(seconds per decode step, seconds of it outside run_with_iobinding): best of 3 rounds of 64 steps."""
+    """(seconds per decode step, seconds of it outside run_with_iobinding), timed as `granite-onnx bench`
+    times it (`decode_loop_timed`: the median step of 64): the best of 3 rounds."""
+    from granite_onnx.bench import decode_loop_timed
     from granite_onnx.runtime.generate import Model
 
     m = Model.load(folder, threads=threads)
     ids = np.random.default_rng(0).integers(3, m.cfg.vocab_size, (batch, context))
-    best = (np.inf, 0.0)
-    for _ in range(3):
-        logits, st = m.prefill([list(map(int, r)) for r in ids])
-        nxt = logits.argmax(-1)
-        for _ in range(5):
-            logits, st = m.decode_step(nxt, st)
-            nxt = logits.argmax(-1)
-        run0, t0 = st.run_s, time.perf_counter()
-        for _ in range(64):
-            logits, st = m.decode_step(nxt, st)
-            nxt = logits.argmax(-1)
-        loop = (time.perf_counter() - t0) / 64
-        if loop < best[0]:
-            best = (loop, max(0.0, loop - (st.run_s - run0) / 64))
-    return best
+    decode_loop_timed(m, ids[:, :8], 4)  # warm-up: binding caches, logits buffer
+    best = min((decode_loop_timed(m, ids, 64) for _ in range(3)), key=lambda r: r["ours_step_p50_ms"])
+    return best["ours_step_p50_ms"] / 1e3, best["outside_run_us"] / 1e6
 
 
 def optimized_graph(ort: Any, folder: Path, tmp: Path) -> Path:
@@ -126,10 +117,8 @@ class Evictor:
     def __init__(self, ort: Any, tmp: Path, nbytes: float, hidden: int) -> None:
         from granite_onnx import roofline
 
-        width = max(64, (4 << 20) // (4 * hidden))
-        pieces = max(1, round(min(nbytes, roofline.GEMV_CAP_BYTES) / (4 * hidden * width)))
         (tmp / "evict").mkdir()
-        path = roofline._matmul_model(tmp / "evict", 1, hidden, [width] * pieces)
+        path = roofline.matmul_model(tmp / "evict", 1, hidden, roofline.gemv_widths(nbytes, hidden))
         so = _session_options(ort, optimize=True)
         self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.feed = {"x": np.full((1, hidden), 0.5, np.float32)}
