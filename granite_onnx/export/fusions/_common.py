@@ -112,6 +112,15 @@ def lazy_initializer(op: pattern.RewriterContext, name: str, shape: Sequence[int
     return op.initializer(ir.LazyTensor(tensor, dtype=dtype, shape=ir.Shape(shape), name=name), name=name)
 
 
+def concat_initializer(op: pattern.RewriterContext, name: str, values: Sequence[ir.Value], axis: int = 1) -> ir.Value:
+    """A new initializer: the constants `values` concatenated along `axis` (a lazy_initializer)."""
+    tensors = [v.const_value for v in values]
+    shape = list(tensors[0].shape)
+    shape[axis] = sum(t.shape[axis] for t in tensors)
+    return lazy_initializer(op, name, shape, tensors[0].dtype,
+                            lambda: np.concatenate([t.numpy() for t in tensors], axis=axis))
+
+
 def derived_initializer(op: pattern.RewriterContext, source: ir.Value, name: str, shape: Sequence[int],
                         fn: Callable[[np.ndarray], np.ndarray]) -> ir.Value:
     """A new initializer `fn(source)`, computed only when it is saved (or read).

@@ -41,7 +41,7 @@ from granite_onnx.export.fusions._common import (
     Scoped,
     apply,
     check_float,
-    lazy_initializer,
+    concat_initializer,
     scope_of,
     static_dims,
 )
@@ -103,10 +103,7 @@ def _projection(x: ir.Value) -> tuple[ir.Value, ir.Value] | None:
 
 def _packed_qkv(op: pattern.RewriterContext, weights: list[ir.Value]) -> ir.Value:
     """Lazy initializer [Wq | Wk | Wv] along the output axis."""
-    tensors = [w.const_value for w in weights]
-    shape = [tensors[0].shape[0], sum(t.shape[1] for t in tensors)]
-    return lazy_initializer(op, f"{weights[0].name}.qkv", shape, tensors[0].dtype,
-                            lambda: np.concatenate([t.numpy() for t in tensors], axis=1))
+    return concat_initializer(op, f"{weights[0].name}.qkv", weights)
 
 
 class AttentionFusion(pattern.RewriteRuleClassBase):

@@ -32,7 +32,14 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from granite_onnx.export.fusions._common import ORT_DOMAIN, Scoped, apply, lazy_initializer, static_dims
+from granite_onnx.export.fusions._common import (
+    ORT_DOMAIN,
+    Scoped,
+    apply,
+    concat_initializer,
+    lazy_initializer,
+    static_dims,
+)
 
 SPLIT = 2  # halves: one per thread of a 2-core decode; more threads still get each expert on two
 
@@ -55,10 +62,7 @@ def split_fc2(fc2: np.ndarray, parts: int = SPLIT) -> np.ndarray:
 
 def _wide_router(op: pattern.RewriterContext, r: ir.Value) -> ir.Value:
     """Lazy initializer [R | R]: the router weight with its columns repeated (logits [N, E] → [N, 2E])."""
-    t = r.const_value
-    rows, cols = t.shape
-    return lazy_initializer(op, f"{r.name}.halves", (rows, SPLIT * cols), t.dtype,
-                            lambda: np.tile(t.numpy(), (1, SPLIT)))
+    return concat_initializer(op, f"{r.name}.halves", [r] * SPLIT)
 
 
 # attributes the rewrite keeps as they are; anything else must be absent or at the default moe.py leaves

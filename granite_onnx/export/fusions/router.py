@@ -14,7 +14,6 @@ The merged weight is a lazy initializer, computed while the model is saved.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
@@ -23,16 +22,14 @@ from granite_onnx.export.fusions._common import (
     ORT_DOMAIN,
     Scoped,
     apply,
-    lazy_initializer,
+    concat_initializer,
     static_dims,
 )
 
 
 def _merged(op: pattern.RewriterContext, shared: ir.Value, router: ir.Value) -> ir.Value:
     """Lazy initializer [shared_in | router] along the output axis."""
-    a, b = shared.const_value, router.const_value
-    return lazy_initializer(op, f"{shared.name}.with_router", [a.shape[0], a.shape[1] + b.shape[1]], a.dtype,
-                            lambda: np.concatenate([a.numpy(), b.numpy()], axis=1))
+    return concat_initializer(op, f"{shared.name}.with_router", [shared, router])
 
 
 class RouterIntoSharedProjection(pattern.RewriteRuleClassBase):
