@@ -110,7 +110,7 @@ def check(folder: Path, out: dict) -> bool:
         out["shared_kv_equal"] = e == b
         ok &= e == b
 
-    if json.loads((folder / "granite_config.json").read_text()).get("recurrent_state") == "inplace":
+    if gpu.session.meta.get("recurrent_state") == "inplace":
         # the CPU updates such a folder's conv/SSM state in place; CUDA alternates two buffers unless asked:
         # does the in-place layout hold on the device (same tokens), and would it be faster? (informational)
         inplace = Model.load(folder, provider="cuda", recurrent_state="inplace")

@@ -228,6 +228,11 @@ def recurrent_state_mode(model: onnx.ModelProto, cfg: HybridConfig) -> str:
     return "inplace"
 
 
+def state_layout(cfg: HybridConfig, fusion_counts: dict[str, int] | None, graph: onnx.ModelProto) -> dict[str, str]:
+    """granite_config.json's "kv_cache" and "recurrent_state": how the runtime may hold this graph's state."""
+    return {"kv_cache": kv_cache_mode(cfg, fusion_counts), "recurrent_state": recurrent_state_mode(graph, cfg)}
+
+
 def export(*, model: str | Path | None = None, preset_name: str | None = None, seed: int = 0,
            layers: int | None = None, out: str | Path, options: ExportOptions | None = None,
            progress: Callable[[str], None] | None = None, source: WeightSource | None = None) -> dict[str, Any]:
@@ -293,15 +298,13 @@ def export(*, model: str | Path | None = None, preset_name: str | None = None, s
                 shutil.rmtree(fused_dir, ignore_errors=True)
             report["graph"] = "fused"
             report["fusion_counts"] = counts
-            report["op_histogram_portable"] = report["op_histogram"]
-            report["op_histogram"] = op_histogram(onnx.load(str(tmp / MODEL_FILE), load_external_data=False))
             report["timings_s"]["fuse_s"] = round(time.perf_counter() - t, 3)
+        graph = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)  # as saved, fused or not; no weights
+        if opts.optimize:
+            report["op_histogram_portable"], report["op_histogram"] = report["op_histogram"], op_histogram(graph)
         (tmp / GRANITE_CONFIG).write_text(json.dumps({"config": cfg.to_json_dict(), "logits": opts.logits,
                                                       "graph": report["graph"], "weights": fmt.to_json(),
-                                                      "kv_cache": kv_cache_mode(cfg, report.get("fusion_counts")),
-                                                      "recurrent_state": recurrent_state_mode(
-                                                          onnx.load(str(tmp / MODEL_FILE), load_external_data=False),
-                                                          cfg)},
+                                                      **state_layout(cfg, report.get("fusion_counts"), graph)},
                                                      indent=2))
         (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(cfg), indent=2))
         copied = []

@@ -19,9 +19,8 @@ from granite_onnx.export.exporter import (
     GRANITE_CONFIG,
     MODEL_FILE,
     REPORT,
-    kv_cache_mode,
     op_histogram,
-    recurrent_state_mode,
+    state_layout,
 )
 from granite_onnx.models.config import HybridConfig
 from granite_onnx.export.folder import ExportError, atomic_folder
@@ -47,13 +46,12 @@ def optimize_folder(in_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
             if f.name not in _COPY_SKIP and f.is_file():
                 shutil.copy2(f, tmp / f.name)
         meta["graph"] = "fused"
-        cfg = HybridConfig.from_json_dict(meta["config"])
-        meta["kv_cache"] = kv_cache_mode(cfg, counts)
-        meta["recurrent_state"] = recurrent_state_mode(onnx.load(str(tmp / MODEL_FILE), load_external_data=False), cfg)
+        graph = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)  # the fused graph, no weights
+        meta.update(state_layout(HybridConfig.from_json_dict(meta["config"]), counts, graph))
         (tmp / GRANITE_CONFIG).write_text(json.dumps(meta, indent=2))
         report = json.loads((src / REPORT).read_text()) if (src / REPORT).exists() else {}
         report.update({"graph": "fused", "fusion_counts": counts, "op_histogram_portable": before,
-                       "op_histogram": op_histogram(onnx.load(str(tmp / MODEL_FILE), load_external_data=False))})
+                       "op_histogram": op_histogram(graph)})
         report.setdefault("timings_s", {})["fuse_s"] = round(time.perf_counter() - t, 3)
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
     return report
